@@ -1,0 +1,332 @@
+"""The ``hf`` rollout backend: sampled tokens, their log-probs, stopping, and weight sync.
+
+A tiny random Qwen2 (vocab 64) and a word-level tokenizer are built in a temporary directory;
+log-probs are checked against a direct transformers forward pass over prompt + response.
+"""
+
+import asyncio
+import math
+
+import pytest
+import ray
+import torch
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from verl.distill.hf_rollout import (
+    HFReplica,
+    HFServerAdapter,
+    SamplingSettings,
+    decode,
+    eos_token_ids,
+    load_full_state_dict,
+    resolve_sampling,
+    sampling_log_probs,
+)
+from verl.workers.config import HFModelConfig, RolloutConfig
+
+VOCAB = 64
+EOS_ID = 1
+EOS_TOKEN = "<eos>"
+PROMPT = [5, 17, 42, 8, 30, 2]
+
+
+def tiny_qwen2(seed: int, tie_word_embeddings: bool = False) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=0,
+        eos_token_id=EOS_ID,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    model = Qwen2ForCausalLM(config).eval()
+    # random init gives near-uniform logits; scale the head so sampling is visibly non-uniform
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    tiny_qwen2(seed=0).save_pretrained(path)
+    vocab = {"<pad>": 0, EOS_TOKEN: EOS_ID, **{f"w{i}": i for i in range(2, VOCAB)}}
+    word_level = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    word_level.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token=EOS_TOKEN, pad_token="<pad>").save_pretrained(
+        path
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def policy(model_dir):
+    return Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def settings(**overrides) -> SamplingSettings:
+    values = dict(
+        temperature=1.0, top_k=-1, top_p=1.0, greedy=False, max_tokens=12, return_log_probs=True, ignore_eos=True
+    )
+    values.update(overrides)
+    return SamplingSettings(**values)
+
+
+@torch.no_grad()
+def forward_log_probs(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) of each response token, from one forward pass over prompt + response."""
+    logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+    step_logits = logits[len(prompt) - 1 : len(prompt) - 1 + len(response)] / temperature
+    return torch.log_softmax(step_logits, dim=-1).gather(1, torch.tensor(response)[:, None])[:, 0]
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt) :]
+
+
+# --- the decoding core (no Ray) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampled_log_probs_match_a_forward_pass(policy, temperature):
+    decoded = decode(policy, PROMPT, settings(temperature=temperature), frozenset(), torch.Generator().manual_seed(3))
+    assert len(decoded.token_ids) == 12 and not decoded.aborted
+    assert len(set(decoded.token_ids)) > 1
+    expected = forward_log_probs(policy, PROMPT, decoded.token_ids, temperature)
+    torch.testing.assert_close(torch.tensor(decoded.log_probs), expected, atol=1e-4, rtol=0)
+
+
+def test_sampling_follows_the_temperature_scaled_distribution(policy):
+    """The empirical first-token frequencies match softmax(logits / T)."""
+    temperature = 1.5
+    with torch.no_grad():
+        logits = policy(input_ids=torch.tensor([PROMPT])).logits[0, -1]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    generator = torch.Generator().manual_seed(0)
+    draws = 3000
+    counts = torch.zeros(VOCAB)
+    log_probs = sampling_log_probs(logits, settings(temperature=temperature))
+    for token in torch.multinomial(log_probs.exp(), draws, replacement=True, generator=generator):
+        counts[token] += 1
+    assert (counts / draws - probs).abs().max() < 0.04
+
+
+def test_top_k_restricts_and_renormalises(policy):
+    temperature, top_k = 0.8, 5
+    decoded = decode(
+        policy, PROMPT, settings(temperature=temperature, top_k=top_k), frozenset(), torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        logits = policy(input_ids=torch.tensor([PROMPT + decoded.token_ids])).logits[0].float() / temperature
+    for step, token in enumerate(decoded.token_ids):
+        step_logits = logits[len(PROMPT) - 1 + step]
+        top_values, top_ids = torch.topk(step_logits, top_k)
+        assert token in top_ids.tolist()
+        expected = step_logits[token] - torch.logsumexp(top_values, dim=0)
+        assert decoded.log_probs[step] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3]))
+    log_probs = sampling_log_probs(logits, settings(top_p=0.75))
+    assert log_probs.exp().tolist() == pytest.approx([0.0, 0.5 / 0.8, 0.0, 0.3 / 0.8], abs=1e-6)
+    # the most likely token survives even when it alone exceeds top_p
+    assert sampling_log_probs(logits, settings(top_p=0.1)).exp().tolist() == pytest.approx([0, 1, 0, 0], abs=1e-6)
+
+
+def test_greedy_takes_the_argmax_and_reports_unscaled_log_probs(policy):
+    decoded = decode(policy, PROMPT, settings(temperature=0.0, greedy=True), frozenset(), torch.Generator())
+    assert decoded.token_ids == greedy_reference(policy, PROMPT, 12)
+    expected = forward_log_probs(policy, PROMPT, decoded.token_ids, temperature=1.0)
+    torch.testing.assert_close(torch.tensor(decoded.log_probs), expected, atol=1e-4, rtol=0)
+
+
+def test_stops_after_the_first_eos_and_ignore_eos_continues(policy):
+    free_run = greedy_reference(policy, PROMPT, 12)
+    stop_at = next(i for i in range(2, 12) if free_run[i] not in free_run[:i])
+    eos = frozenset({free_run[stop_at]})
+    greedy = dict(temperature=0.0, greedy=True)
+
+    stopped = decode(policy, PROMPT, settings(**greedy, ignore_eos=False), eos, torch.Generator())
+    assert stopped.token_ids == free_run[: stop_at + 1]
+    assert len(stopped.log_probs) == stop_at + 1
+
+    ignored = decode(policy, PROMPT, settings(**greedy, ignore_eos=True), eos, torch.Generator())
+    assert ignored.token_ids == free_run
+
+
+def test_abort_returns_the_tokens_so_far(policy):
+    polls = []
+
+    def abort_on_fourth_poll():
+        polls.append(1)
+        return len(polls) > 3
+
+    decoded = decode(policy, PROMPT, settings(), frozenset(), torch.Generator().manual_seed(0), abort_on_fourth_poll)
+    assert decoded.aborted and len(decoded.token_ids) == 3 == len(decoded.log_probs)
+
+
+# --- request parameters -----------------------------------------------------------------------
+
+
+def rollout_config(**overrides) -> RolloutConfig:
+    values = dict(name="hf", tensor_model_parallel_size=1, prompt_length=16, response_length=8)
+    values.update(overrides)
+    return RolloutConfig(**values)
+
+
+def test_token_budget_follows_verl_defaults_and_request_limits():
+    config = rollout_config()
+    params = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
+    assert resolve_sampling(params, config, prompt_len=6, max_model_len=128).max_tokens == 8
+    # a long prompt only gets what is left of prompt_length + response_length
+    assert resolve_sampling(params, config, prompt_len=20, max_model_len=128).max_tokens == 4
+    assert resolve_sampling({**params, "max_tokens": 3}, config, prompt_len=6, max_model_len=128).max_tokens == 3
+    assert resolve_sampling({"max_new_tokens": 5}, config, prompt_len=6, max_model_len=128).max_tokens == 5
+    # never beyond the model's context
+    assert resolve_sampling({"max_tokens": 50}, config, prompt_len=6, max_model_len=10).max_tokens == 4
+    with pytest.raises(ValueError, match="max_model_len"):
+        resolve_sampling(params, config, prompt_len=10, max_model_len=10)
+
+
+def test_greedy_when_temperature_zero_or_sampling_disabled():
+    config = rollout_config()
+    assert resolve_sampling({"temperature": 0}, config, 6, 128).greedy
+    assert resolve_sampling({"temperature": 1.0, "do_sample": False}, config, 6, 128).greedy
+    assert not resolve_sampling({"temperature": 1.0}, config, 6, 128).greedy
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"prompt_logprobs": 0}, "prompt_logprobs"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"top_p": 0.0}, "top_p"),
+    ],
+)
+def test_unsupported_requests_fail_with_the_offending_key(params, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_sampling(params, rollout_config(), 6, 128)
+
+
+def test_eos_ids_come_from_tokenizer_and_generation_config(model_dir):
+    model_config = HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"})
+    assert eos_token_ids(model_config) == {EOS_ID}
+
+
+def test_weight_loading_accepts_tied_weights_and_rejects_partial_updates():
+    tied = tiny_qwen2(seed=0, tie_word_embeddings=True)
+    source = tiny_qwen2(seed=1, tie_word_embeddings=True).state_dict()
+    load_full_state_dict(tied, {k: v for k, v in source.items() if k != "lm_head.weight"})
+    torch.testing.assert_close(tied.lm_head.weight, source["model.embed_tokens.weight"])
+
+    untied = tiny_qwen2(seed=0)
+    with pytest.raises(ValueError, match="missing: \\['lm_head.weight'\\]"):
+        load_full_state_dict(untied, {k: v for k, v in untied.state_dict().items() if k != "lm_head.weight"})
+    with pytest.raises(ValueError, match="unknown: \\['extra.weight'\\]"):
+        load_full_state_dict(untied, {**untied.state_dict(), "extra.weight": torch.zeros(1)})
+
+
+# --- the Ray server, the replica and the trainer-side adapter ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def replica(ray_cluster, model_dir):
+    """One replica for the module, launched the way LLMServerManager does (DictConfig model config)."""
+    model_config = OmegaConf.create({"path": model_dir, "override_config": {"attn_implementation": "sdpa"}})
+    hf_replica = HFReplica(replica_rank=0, config=rollout_config(), model_config=model_config, gpus_per_node=1)
+    asyncio.run(hf_replica.launch_servers())
+    yield hf_replica
+    ray.kill(hf_replica.server_handle)
+
+
+def request(server, max_tokens=10, **sampling):
+    params = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
+    params.update(max_tokens=max_tokens, **sampling)
+    return server.generate.remote(prompt_ids=PROMPT, sampling_params=params, request_id="r")
+
+
+async def test_server_generates_with_log_probs_of_the_served_model(replica, policy):
+    output = await request(replica.server_handle, temperature=0.7)
+    assert 1 <= len(output.token_ids) <= 10 and output.stop_reason == "completed"
+    assert output.token_ids[:-1].count(EOS_ID) == 0
+    if len(output.token_ids) < 10:
+        assert output.token_ids[-1] == EOS_ID
+    expected = forward_log_probs(policy, PROMPT, output.token_ids, temperature=0.7)
+    torch.testing.assert_close(torch.tensor(output.log_probs), expected, atol=1e-4, rtol=0)
+
+    without = await request(replica.server_handle, logprobs=False)
+    assert without.log_probs is None and without.token_ids
+
+
+async def test_default_budget_is_the_response_length(replica):
+    params = {"temperature": 1.0, "logprobs": True, "ignore_eos": True}
+    output = await replica.server_handle.generate.remote(prompt_ids=PROMPT, sampling_params=params, request_id="r")
+    assert len(output.token_ids) == 8 == len(output.log_probs)
+
+
+async def test_adapter_pushes_new_weights_to_the_server(replica, policy, model_dir, monkeypatch):
+    new_policy = tiny_qwen2(seed=7)
+    greedy_new = greedy_reference(new_policy, PROMPT, 10)
+    assert greedy_new != greedy_reference(policy, PROMPT, 10)
+
+    monkeypatch.setenv("RANK", "0")
+    model_config = HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"})
+    adapter = HFServerAdapter(config=rollout_config(), model_config=model_config, device_mesh=None)
+    await adapter.update_weights(iter(new_policy.state_dict().items()), global_steps=5, peft_config=None)
+    try:
+        greedy = await request(replica.server_handle, temperature=0.0, ignore_eos=True)
+        assert greedy.token_ids == greedy_new
+        assert greedy.extra_fields["global_steps"] == 5
+
+        sampled = await request(replica.server_handle, temperature=1.3, ignore_eos=True)
+        expected = forward_log_probs(new_policy, PROMPT, sampled.token_ids, temperature=1.3)
+        torch.testing.assert_close(torch.tensor(sampled.log_probs), expected, atol=1e-4, rtol=0)
+    finally:
+        await adapter.update_weights(iter(policy.state_dict().items()), global_steps=None)
+
+
+async def test_abort_parks_or_rejects_new_requests_until_resume(replica):
+    server = replica.server_handle
+    await server.abort_all_requests.remote()
+    parked = request(server)
+    ready, _ = ray.wait([parked], timeout=1.0)
+    assert not ready
+    await server.resume_generation.remote()
+    assert (await parked).stop_reason == "completed"
+
+    await server.abort_all_requests.remote(reject_request=True)
+    rejected = await request(server)
+    assert rejected.stop_reason == "aborted" and rejected.token_ids == []
+    await server.resume_generation.remote()
+    assert (await request(server)).stop_reason == "completed"
+
+
+async def test_lifecycle_calls_of_the_trainer_are_accepted(replica):
+    await asyncio.gather(replica.sleep(), replica.clear_kv_cache(), replica.release_kv_cache())
+    await asyncio.gather(replica.wake_up(), replica.resume_kv_cache())
+    output = await request(replica.server_handle)
+    assert output.stop_reason == "completed"
+    assert math.isfinite(sum(output.log_probs))

@@ -1,0 +1,128 @@
+"""The one module where verl-distill changes verl's behaviour at run time.
+
+Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
+engine registries, config ``_target_`` classes). Four things have no extension point in verl 0.9.1:
+
+1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
+   the module-level name is routed through our loss registry (``policy_loss.loss_mode``);
+2. the driver has no hook between composing the config and starting Ray: ``auto_set_device``
+   (called first by ``main_ppo.main``) is wrapped to adapt the config to a CPU machine and to
+   validate distillation settings while a mistake still costs nothing;
+3. on a CPU, the worker process group is built as ``cpu:gloo,cpu:gloo`` (rejected by torch):
+   the worker passes plain ``gloo``;
+4. on a CPU, the forward-only (reference / teacher) FSDP2 engine pins host memory, which needs an
+   accelerator: the offload policy is built unpinned.
+
+Each change is applied right after verl imports the module concerned (see
+:mod:`verl.distill.import_hooks`), only on the verl version it was written against, and checks
+that the code it replaces is still what it expects; anything else fails loudly.
+"""
+
+import functools
+import inspect
+import logging
+from types import ModuleType
+
+from verl.distill import SUPPORTED_VERL_VERSION
+from verl.distill.import_hooks import when_imported
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedVerlError(RuntimeError):
+    """verl's code differs from what a run-time adaptation of verl-distill was written against."""
+
+
+def require_supported_verl() -> None:
+    import verl
+
+    version = getattr(verl, "__version__", "unknown")
+    if version != SUPPORTED_VERL_VERSION:
+        raise UnsupportedVerlError(
+            f"verl-distill supports verl=={SUPPORTED_VERL_VERSION} only, found verl {version}: "
+            f"install verl=={SUPPORTED_VERL_VERSION} or a verl-distill release made for verl {version}"
+        )
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise UnsupportedVerlError(f"verl-distill cannot adapt verl {SUPPORTED_VERL_VERSION}: {what}")
+
+
+def route_actor_loss(config, model_output, data, dp_group=None):
+    """The actor's loss, chosen by ``actor.policy_loss.loss_mode`` through verl-distill's loss registry.
+
+    verl's own policy losses (``vanilla``, ``gspo``, ...) resolve to verl's ``ppo_loss``, so a stock
+    configuration trains exactly as before.
+    """
+    from verl.workers.roles.utils.loss_registry import get_loss_fn
+
+    loss_fn = get_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
+    return loss_fn(config=config, model_output=model_output, data=data, dp_group=dp_group)
+
+
+def _adapt_engine_workers(module: ModuleType) -> None:
+    require_supported_verl()
+    from verl.workers.utils.losses import ppo_loss
+
+    _expect(module.ppo_loss is ppo_loss, "engine_workers.ppo_loss is no longer verl's ppo_loss")
+    _expect(
+        "partial(ppo_loss, config=actor_config)" in inspect.getsource(module.ActorRolloutRefWorker.init_model),
+        "ActorRolloutRefWorker.init_model no longer builds the actor loss from ppo_loss",
+    )
+    module.ppo_loss = route_actor_loss
+
+    from verl.distill.cpu_platform import cpu_platform_active
+
+    original_init_group = module.initialize_global_process_group_ray
+
+    @functools.wraps(original_init_group)
+    def initialize_process_group(timeout_second=None, backend=None):
+        if backend is None and cpu_platform_active():
+            backend = "gloo"
+        return original_init_group(timeout_second=timeout_second, backend=backend)
+
+    module.initialize_global_process_group_ray = initialize_process_group
+
+
+def _adapt_fsdp_engine(module: ModuleType) -> None:
+    require_supported_verl()
+    from verl.distill.cpu_platform import cpu_platform_active
+
+    if not cpu_platform_active():
+        return
+    pinned_policy = module.CPUOffloadPolicy
+    _expect(pinned_policy is not None, "FSDP2 CPUOffloadPolicy is missing")
+
+    class UnpinnedCPUOffloadPolicy(pinned_policy):
+        """Pinning host memory needs an accelerator; on a CPU the offloaded tensors stay pageable."""
+
+        def __init__(self, pin_memory: bool = False):
+            super().__init__(pin_memory=False)
+
+    module.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+
+
+def _wrap_driver_hook(module: ModuleType) -> None:
+    require_supported_verl()
+    original_auto_set_device = module.auto_set_device
+    if getattr(original_auto_set_device, "_verl_distill", False):
+        return
+
+    @functools.wraps(original_auto_set_device)
+    def auto_set_device(config) -> None:
+        original_auto_set_device(config)
+        from verl.distill.driver import prepare_trainer_config
+
+        prepare_trainer_config(config)
+
+    auto_set_device._verl_distill = True
+    module.auto_set_device = auto_set_device
+
+
+def install() -> None:
+    """Register every run-time adaptation; each applies when verl imports the module concerned."""
+    require_supported_verl()
+    when_imported("verl.utils.device", _wrap_driver_hook)
+    when_imported("verl.workers.engine_workers", _adapt_engine_workers)
+    when_imported("verl.workers.engine.fsdp.transformer_impl", _adapt_fsdp_engine)

@@ -1,0 +1,440 @@
+"""The ``hf`` rollout backend: transformers on the CPU, token-in/token-out, for running a verl config on a laptop.
+
+verl 0.9.1 only ships GPU inference servers (vLLM, SGLang, TensorRT-LLM). This backend plugs a plain
+transformers model into the same two interfaces so that ``actor_rollout_ref.rollout.name=hf`` works
+with the unchanged agent loop and trainer:
+
+* :class:`HFReplica` (a :class:`RolloutReplica`, registry name ``hf``) starts one
+  :class:`HFRolloutServer` Ray actor per replica; the agent loop sends it ``generate`` requests.
+* :class:`HFRolloutServer` holds an fp32 copy of the policy and decodes one request at a time.
+* :class:`HFServerAdapter` (a :class:`BaseRollout`, key ``("hf", "async")``) lives in the trainer
+  worker; after every actor update it pushes the full state dict to the server.
+
+The decoding core (:func:`sampling_log_probs`, :func:`decode`) is plain torch so it can be checked
+against a direct forward pass without Ray.
+"""
+
+import asyncio
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from verl.utils import normalize_token_ids
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.config import HFModelConfig, RolloutConfig
+from verl.workers.rollout.base import BaseRollout
+from verl.workers.rollout.replica import RolloutReplica, TokenOutput
+from verl.workers.rollout.utils import ensure_async_iterator, get_max_position_embeddings
+
+# Sampling-parameter keys a request may carry; verl's agent loops send the first five.
+SUPPORTED_SAMPLING_KEYS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "logprobs",
+    "max_tokens",
+    "max_new_tokens",
+    "ignore_eos",
+    "do_sample",
+)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one request is decoded.
+
+    Attributes:
+        temperature: divides the logits before sampling; 0 means greedy.
+        top_k: keep only the ``top_k`` most likely tokens; -1 or 0 keeps all (vLLM's convention).
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``.
+        greedy: take the arg-max token (temperature 0 or ``do_sample=False``).
+        max_tokens: hard cap on the number of generated tokens (always >= 1).
+        return_log_probs: return the log-prob of every generated token (``logprobs`` request key).
+        ignore_eos: keep generating after an end-of-sequence token.
+    """
+
+    temperature: float
+    top_k: int
+    top_p: float
+    greedy: bool
+    max_tokens: int
+    return_log_probs: bool
+    ignore_eos: bool
+
+
+def resolve_sampling(
+    sampling_params: dict[str, Any], config: RolloutConfig, prompt_len: int, max_model_len: int
+) -> SamplingSettings:
+    """Turn a request's ``sampling_params`` into :class:`SamplingSettings`, with verl's defaults.
+
+    The token budget follows verl's vLLM server: the request's ``max_tokens`` (or ``max_new_tokens``),
+    else ``min(response_length, prompt_length + response_length - prompt_len)``; clipped to
+    ``[1, max_model_len - prompt_len]``.
+    """
+    unknown = sorted(set(sampling_params) - set(SUPPORTED_SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"hf rollout: unsupported sampling_params key(s) {unknown}; supported: {list(SUPPORTED_SAMPLING_KEYS)}"
+        )
+    repetition_penalty = sampling_params.get("repetition_penalty", config.repetition_penalty)
+    if repetition_penalty != 1.0:
+        raise ValueError(
+            f"hf rollout: repetition_penalty={repetition_penalty} is not supported (the trainer's log-probs "
+            "would not match the sampling distribution); set actor_rollout_ref.rollout.repetition_penalty=1.0"
+        )
+    temperature = float(sampling_params.get("temperature", config.temperature))
+    top_k = int(sampling_params.get("top_k", config.top_k))
+    top_p = float(sampling_params.get("top_p", config.top_p))
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < -1:
+        raise ValueError(
+            f"hf rollout: invalid sampling params temperature={temperature}, top_k={top_k}, top_p={top_p}; "
+            "need temperature >= 0, top_k >= -1 and 0 < top_p <= 1"
+        )
+
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise ValueError(
+            f"hf rollout: prompt of {prompt_len} tokens leaves no room within max_model_len={max_model_len}; "
+            "shorten data.max_prompt_length or raise actor_rollout_ref.rollout.max_model_len"
+        )
+    requested = sampling_params.get("max_tokens", sampling_params.get("max_new_tokens"))
+    if requested is None:
+        requested = min(config.response_length, config.prompt_length + config.response_length - prompt_len)
+
+    return SamplingSettings(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=temperature == 0 or not sampling_params.get("do_sample", True),
+        max_tokens=max(1, min(int(requested), room)),
+        return_log_probs=bool(sampling_params.get("logprobs", False)),
+        ignore_eos=bool(sampling_params.get("ignore_eos", config.ignore_eos)),
+    )
+
+
+def sampling_log_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """Log-probabilities of the distribution the next token is drawn from, shape ``[vocab]``.
+
+    With ``z = logits / temperature``:
+
+    * top-k keeps the tokens with ``z_i >= z_(k)`` (the k-th largest value; ties are kept);
+    * top-p then keeps the most likely tokens, in descending order, until the kept probability mass
+      ``softmax(z)`` over the top-k set reaches ``top_p`` (the most likely token is always kept);
+    * ``log p_i = z_i - logsumexp_{j kept} z_j`` for kept tokens and ``-inf`` for the others.
+
+    Greedy decoding samples nothing; it reports ``log_softmax(logits)``, the unscaled model
+    distribution, as vLLM does for temperature 0. These are verl's "processed" log-probs
+    (vLLM ``logprobs_mode=processed_logprobs``): with top_k=-1 and top_p=1 they equal the trainer's
+    ``log_softmax(logits / temperature)``.
+    """
+    logits = logits.float()
+    if settings.greedy:
+        return torch.log_softmax(logits, dim=-1)
+    scaled = logits / settings.temperature
+    if 0 < settings.top_k < scaled.numel():
+        kth_largest = torch.topk(scaled, settings.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth_largest, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_scaled, order = torch.sort(scaled, descending=True)
+        sorted_probs = torch.softmax(sorted_scaled, dim=-1)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= settings.top_p
+        drop_sorted[0] = False
+        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
+
+
+@dataclass
+class Decoded:
+    """One decoded continuation: tokens, their log-probs and whether an abort cut it short."""
+
+    token_ids: list[int]
+    log_probs: list[float]
+    aborted: bool
+
+
+@torch.inference_mode()
+def decode(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    settings: SamplingSettings,
+    eos_token_ids: frozenset[int],
+    generator: torch.Generator,
+    should_abort: Callable[[], bool] = lambda: False,
+) -> Decoded:
+    """Generate up to ``settings.max_tokens`` tokens after ``prompt_ids`` with a KV cache.
+
+    Stops after the first end-of-sequence token (which is returned, as vLLM does) unless
+    ``settings.ignore_eos``; ``should_abort`` is polled before every token so a weight sync can
+    interrupt a long request (partial rollout).
+    """
+    token_ids: list[int] = []
+    log_probs: list[float] = []
+    next_input = torch.tensor([prompt_ids], dtype=torch.long)
+    cache = None
+    while len(token_ids) < settings.max_tokens:
+        if should_abort():
+            return Decoded(token_ids, log_probs, aborted=True)
+        output = model(input_ids=next_input, past_key_values=cache, use_cache=True)
+        cache = output.past_key_values
+        token_log_probs = sampling_log_probs(output.logits[0, -1], settings)
+        if settings.greedy:
+            token = int(torch.argmax(token_log_probs))
+        else:
+            token = int(torch.multinomial(token_log_probs.exp(), num_samples=1, generator=generator))
+        token_ids.append(token)
+        log_probs.append(float(token_log_probs[token]))
+        if token in eos_token_ids and not settings.ignore_eos:
+            break
+        next_input = torch.tensor([[token]], dtype=torch.long)
+    return Decoded(token_ids, log_probs, aborted=False)
+
+
+def eos_token_ids(model_config: HFModelConfig) -> frozenset[int]:
+    """End-of-sequence ids: the generation config's (an int or a list) plus the tokenizer's."""
+    ids: set[int] = set()
+    generation_eos = getattr(model_config.generation_config, "eos_token_id", None)
+    if isinstance(generation_eos, int):
+        ids.add(generation_eos)
+    elif generation_eos is not None:
+        ids.update(generation_eos)
+    tokenizer_eos = getattr(model_config.tokenizer, "eos_token_id", None)
+    if tokenizer_eos is not None:
+        ids.add(tokenizer_eos)
+    return frozenset(ids)
+
+
+def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Overwrite every weight of ``model`` with ``state_dict`` (cast to the model's dtype).
+
+    A key the model does not have, or a model weight that is neither sent nor tied to a sent
+    weight (e.g. ``lm_head`` tied to the embeddings), is an error: a partial update would make
+    the rollout sample from a mix of old and new weights.
+    """
+    own = model.state_dict()
+    sent_storages = {own[name].data_ptr() for name in state_dict if name in own}
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [name for name in result.missing_keys if own[name].data_ptr() not in sent_storages]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"hf rollout: weight update does not match the rollout model "
+            f"(unknown: {sorted(result.unexpected_keys)[:5]}, missing: {sorted(missing)[:5]}); "
+            "the trainer and the rollout must load the same actor_rollout_ref.model.path"
+        )
+
+
+def server_actor_name(
+    replica_rank: int, is_reward_model: bool = False, is_teacher_model: bool = False, name_suffix: str = ""
+) -> str:
+    """Ray actor name of a replica's server; :class:`HFServerAdapter` finds the policy server by it."""
+    role = "reward_" if is_reward_model else "teacher_" if is_teacher_model else ""
+    return f"hf_server_{role}{replica_rank}{name_suffix}"
+
+
+class HFRolloutServer:
+    """Ray actor serving one replica: token-in/token-out generation with a transformers model.
+
+    Requests are decoded one at a time (an asyncio lock) in a worker thread, so control calls
+    (weight updates, aborts) stay responsive. The model is a separate fp32 copy loaded from
+    ``model_config.local_path`` with sdpa attention; the trainer overwrites it on every sync.
+    """
+
+    def __init__(self, config: RolloutConfig, model_config: HFModelConfig, replica_rank: int):
+        self.config: RolloutConfig = omega_conf_to_dataclass(config, dataclass_type=RolloutConfig)
+        self.model_config: HFModelConfig = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_config.local_path,
+            config=self.model_config.hf_config,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=self.model_config.trust_remote_code,
+        ).eval()
+        self.max_model_len = self.config.max_model_len or get_max_position_embeddings(self.model_config.hf_config)
+        self.eos_token_ids = eos_token_ids(self.model_config)
+        self.generator = torch.Generator().manual_seed(self.config.seed + replica_rank)
+        # model weights version, reported with every response like verl's other servers
+        self.global_steps: Optional[int] = None
+
+        self._lock = asyncio.Lock()
+        # abort_all_requests bumps the epoch: requests admitted under an older epoch stop.
+        self._epoch = 0
+        self._admitting = asyncio.Event()
+        self._admitting.set()
+        self._rejecting = False
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        request_id: str,
+        image_data: Optional[list[Any]] = None,
+        video_data: Optional[list[Any]] = None,
+        audio_data: Optional[list[Any]] = None,
+        mm_processor_kwargs: Optional[dict[str, Any]] = None,
+        priority: int = 0,
+    ) -> TokenOutput:
+        """Generate a continuation of ``prompt_ids``; ``log_probs`` only when ``sampling_params['logprobs']``."""
+        if image_data is not None or video_data is not None or audio_data is not None:
+            raise ValueError("hf rollout: multimodal inputs are not supported; use a text-only dataset")
+        prompt_ids = normalize_token_ids(prompt_ids)
+        settings = resolve_sampling(sampling_params, self.config, len(prompt_ids), self.max_model_len)
+
+        while not self._admitting.is_set():
+            if self._rejecting:
+                return self._aborted_output()
+            await self._admitting.wait()
+        epoch = self._epoch
+        async with self._lock:
+            if epoch != self._epoch:
+                return self._aborted_output()
+            decoded = await asyncio.to_thread(
+                decode,
+                self.model,
+                prompt_ids,
+                settings,
+                self.eos_token_ids,
+                self.generator,
+                lambda: epoch != self._epoch,
+            )
+        return TokenOutput(
+            token_ids=decoded.token_ids,
+            log_probs=decoded.log_probs if settings.return_log_probs else None,
+            stop_reason="aborted" if decoded.aborted else "completed",
+            extra_fields={"global_steps": self.global_steps},
+        )
+
+    def _aborted_output(self) -> TokenOutput:
+        return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps})
+
+    async def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: Optional[int] = None):
+        """Replace all weights; waits for the running request so no response mixes two versions."""
+        async with self._lock:
+            load_full_state_dict(self.model, state_dict)
+        self.global_steps = global_steps
+
+    async def set_global_steps(self, global_steps: int):
+        self.global_steps = global_steps
+
+    async def abort_all_requests(self, reject_request: bool = False):
+        """Stop the running request after its current token and answer queued ones with ``aborted``.
+
+        New requests wait until :meth:`resume_generation`, or are answered ``aborted`` at once when
+        ``reject_request`` (the replica leaves rotation). Returns once no request is decoding.
+        """
+        self._rejecting = reject_request
+        self._admitting.clear()
+        self._epoch += 1
+        async with self._lock:
+            pass
+
+    async def resume_generation(self):
+        self._rejecting = False
+        self._admitting.set()
+
+    # The model lives in ordinary process memory for the whole run: there is no device memory to
+    # release, no KV cache kept between requests and no engine profiler.
+    async def wake_up(self, tags: Optional[list[str]] = None):
+        pass
+
+    async def sleep(self):
+        pass
+
+    async def clear_kv_cache(self):
+        pass
+
+    async def release_kv_cache(self):
+        pass
+
+    async def resume_kv_cache(self):
+        pass
+
+    async def start_profile(self, **kwargs):
+        pass
+
+    async def stop_profile(self):
+        pass
+
+
+class HFReplica(RolloutReplica):
+    """A rollout replica backed by one :class:`HFRolloutServer` actor (no accelerator needed).
+
+    The server ignores the replica's workers and resource bundles: it is an ordinary Ray actor
+    without a CPU reservation, so it never competes with the trainer for scheduling slots.
+    """
+
+    async def launch_servers(self):
+        name = server_actor_name(self.replica_rank, self.is_reward_model, self.is_teacher_model, self.name_suffix)
+        server = (
+            ray.remote(HFRolloutServer)
+            .options(name=name, max_concurrency=self.max_concurrency)
+            .remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
+        )
+        # surface a failed model load here rather than at the first generate call
+        await server.__ray_ready__.remote()
+        self.servers = [server]
+        self._server_handle = server
+        self._server_address = name
+
+
+class HFServerAdapter(BaseRollout):
+    """Trainer-side handle of the ``hf`` rollout: forwards weight updates to the replica's server.
+
+    Every trainer rank of a replica receives the weights (``DTensor.full_tensor`` is a collective,
+    so all ranks must drain the generator); only the replica's first rank sends them.
+    """
+
+    def __init__(self, config: RolloutConfig, model_config: HFModelConfig, device_mesh, replica_rank: int = -1):
+        super().__init__(config, model_config, device_mesh)
+        rank = int(os.environ["RANK"])
+        rollout_world_size = (
+            self.config.tensor_model_parallel_size
+            * self.config.data_parallel_size
+            * self.config.pipeline_model_parallel_size
+        )
+        self.replica_rank = rank // rollout_world_size if replica_rank == -1 else replica_rank
+        self.is_leader_rank = rank % rollout_world_size == 0
+        self._server = None
+
+    def _server_handle(self):
+        # looked up lazily: the server is launched after the trainer workers are built
+        if self._server is None:
+            self._server = ray.get_actor(server_actor_name(self.replica_rank))
+        return self._server
+
+    async def resume(self, tags: list[str]):
+        """Nothing to resume: the server keeps its weights in process memory."""
+
+    async def release(self):
+        """Nothing to release: the server keeps its weights in process memory."""
+
+    async def update_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        wire_format: str = "named_tensors",
+        global_steps: Optional[int] = None,
+        peft_config: Any = None,
+        **kwargs,
+    ):
+        """Collect the full ``(name, tensor)`` stream on the CPU and push it to the server in one call."""
+        if wire_format != "named_tensors":
+            raise ValueError(
+                f"hf rollout: checkpoint engine wire_format={wire_format!r} is not supported; "
+                "use actor_rollout_ref.rollout.checkpoint_engine.backend=naive"
+            )
+        if peft_config is not None:
+            raise ValueError(
+                "hf rollout: LoRA adapters cannot be loaded into the server; set actor_rollout_ref.model.lora.merge=True"
+            )
+        state_dict = {}
+        async for name, tensor in ensure_async_iterator(weights):
+            if self.is_leader_rank:
+                state_dict[name] = tensor.detach().cpu()
+        if self.is_leader_rank:
+            await self._server_handle().update_weights.remote(state_dict, global_steps)

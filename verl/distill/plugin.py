@@ -1,0 +1,66 @@
+"""verl-distill's entry point in verl's ``verl.plugins`` group: loaded by ``import verl`` in every process.
+
+It registers, into verl's own registries: the ``cpu`` platform, the ``hf`` rollout backend, the
+``distillation`` reward manager, the FSDP engines for device ``cpu``; and installs the few
+run-time adaptations of :mod:`verl.distill.compat`. Registrations that live in expensive verl
+modules happen when verl imports those modules, so a Ray process pays only for what it uses.
+
+verl logs a failing plugin at DEBUG level and carries on, which would surface much later as
+"Unknown reward manager" or "Rollout hf not found"; a failure here is logged as an error and
+re-raised.
+"""
+
+import logging
+
+from verl.distill.import_hooks import when_imported
+
+logger = logging.getLogger(__name__)
+
+HF_ROLLOUT_REPLICA = "verl.distill.hf_rollout.HFReplica"
+HF_ROLLOUT_ADAPTER = "verl.distill.hf_rollout.HFServerAdapter"
+
+
+def _load_hf_replica():
+    from verl.distill.hf_rollout import HFReplica
+
+    return HFReplica
+
+
+def _register_hf_replica(replica_module) -> None:
+    replica_module.RolloutReplicaRegistry.register("hf", _load_hf_replica)
+
+
+def _register_hf_adapter(rollout_base_module) -> None:
+    rollout_base_module._ROLLOUT_REGISTRY[("hf", "async")] = HF_ROLLOUT_ADAPTER
+
+
+def _register_cpu_engines(fsdp_engine_module) -> None:
+    # verl's FSDP engines are device-agnostic but registered for cuda/npu only.
+    register = fsdp_engine_module.EngineRegistry.register
+    register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(
+        fsdp_engine_module.FSDPEngineWithLMHead
+    )
+    register(model_type="value_model", backend=["fsdp", "fsdp2"], device="cpu")(
+        fsdp_engine_module.FSDPEngineWithValueHead
+    )
+
+
+def _register_reward_manager(_reward_manager_package) -> None:
+    import verl.workers.reward_manager.distillation  # noqa: F401  (registers "distillation")
+
+
+def register_all() -> None:
+    from verl.distill import compat, cpu_platform  # noqa: F401  (cpu_platform registers "cpu")
+
+    compat.install()
+    when_imported("verl.workers.rollout.replica", _register_hf_replica)
+    when_imported("verl.workers.rollout.base", _register_hf_adapter)
+    when_imported("verl.workers.engine.fsdp.transformer_impl", _register_cpu_engines)
+    when_imported("verl.experimental.reward_loop.reward_manager", _register_reward_manager)
+
+
+try:
+    register_all()
+except Exception:
+    logger.error("verl-distill: registration in verl failed; distillation and the CPU backend are unavailable", exc_info=True)
+    raise
