@@ -99,3 +99,10 @@ def test_explicit_gpu_rollout_on_a_cpu_is_refused_with_the_key_and_the_fix():
     message = str(error.value)
     assert "actor_rollout_ref.rollout.name=vllm" in message and "rollout.name=hf" in message
     assert "\n" not in message
+
+
+def test_device_id_moves_tensors_to_the_host():
+    from verl.utils.device import get_device_id
+
+    assert torch.ones(1).to(get_device_id()).device.type == "cpu"
+    assert torch.device(get_device_id()).type == "cpu"

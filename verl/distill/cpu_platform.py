@@ -168,8 +168,9 @@ class PlatformCPU(PlatformBase):
     def is_platform_available(self, use_smi_check: bool = False) -> bool:
         return not accelerator_present()
 
-    def current_device(self) -> int:
-        return 0
+    def current_device(self) -> str:
+        # verl moves tensors with `.to(get_device_id())`: an int would mean an accelerator index.
+        return "cpu"
 
     def device_count(self) -> int:
         return 1

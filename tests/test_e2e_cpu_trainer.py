@@ -1,0 +1,72 @@
+"""The stock entry point trains on a CPU: GRPO, GRPO with a KL loss, checkpoint and resume, bad input."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from trainer_runs import TINY_RUN, run_trainer
+
+pytestmark = pytest.mark.slow
+
+
+def _grpo(tiny_assets):
+    return [
+        "algorithm.adv_estimator=grpo",
+        f"data.train_files={tiny_assets.train_files}",
+        f"data.val_files={tiny_assets.val_files}",
+        f"actor_rollout_ref.model.path={tiny_assets.student}",
+        "actor_rollout_ref.rollout.n=2",
+        *TINY_RUN,
+    ]
+
+
+def test_grpo_trains_two_steps_and_logs_pg_loss(tiny_assets, tmp_path):
+    run = run_trainer(tmp_path, [*_grpo(tiny_assets), "trainer.total_training_steps=2"])
+    assert run.returncode == 0, run.explain()
+    assert run.steps() == [1, 2]
+    assert len(run.series("actor/pg_loss")) == 2
+    assert "verl-distill: no accelerator found, adapted the config for the CPU" in run.stderr + run.stdout
+    assert "actor_rollout_ref.rollout.name=hf" in run.stderr + run.stdout
+
+
+def test_grpo_with_kl_loss_logs_kl_loss(tiny_assets, tmp_path):
+    run = run_trainer(
+        tmp_path, [*_grpo(tiny_assets), "actor_rollout_ref.actor.use_kl_loss=true", "trainer.total_training_steps=2"]
+    )
+    assert run.returncode == 0, run.explain()
+    kl = run.series("actor/kl_loss")
+    assert len(kl) == 2 and all(value >= 0 for value in kl)
+    assert run.series("timing_s/ref")
+
+
+def test_checkpoint_then_resume_continues_at_the_next_step(tiny_assets, tmp_path):
+    first = run_trainer(tmp_path, [*_grpo(tiny_assets), "trainer.total_training_steps=1", "trainer.save_freq=1"])
+    assert first.returncode == 0, first.explain()
+    assert (tmp_path / "checkpoints" / "global_step_1" / "actor").is_dir()
+    resumed = run_trainer(tmp_path, [*_grpo(tiny_assets), "trainer.total_training_steps=2", "trainer.resume_mode=auto"])
+    assert resumed.returncode == 0, resumed.explain()
+    assert resumed.steps() == [2]
+
+
+def test_gpu_rollout_on_a_cpu_fails_in_one_line_before_ray(tiny_assets, tmp_path):
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "verl.trainer.main_ppo",
+            *_grpo(tiny_assets),
+            "actor_rollout_ref.rollout.name=vllm",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert time.monotonic() - started < 60
+    error_lines = [line for line in result.stderr.splitlines() if "verl-distill: error:" in line]
+    assert len(error_lines) == 1 and "actor_rollout_ref.rollout.name=vllm" in error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert "ray" not in result.stdout.lower() or "ray init kwargs" not in result.stdout
