@@ -306,6 +306,10 @@ async def test_adapter_pushes_new_weights_to_the_server(replica, policy, model_d
         torch.testing.assert_close(torch.tensor(sampled.log_probs), expected, atol=1e-4, rtol=0)
     finally:
         await adapter.update_weights(iter(policy.state_dict().items()), global_steps=None)
+    restored = await request(replica.server_handle, temperature=0.0, ignore_eos=True)
+    assert restored.token_ids == greedy_reference(policy, PROMPT, 10)
+    # a sync without a step number keeps the version tag the trainer's metrics rely on
+    assert restored.extra_fields["global_steps"] == 5
 
 
 async def test_abort_parks_or_rejects_new_requests_until_resume(replica):

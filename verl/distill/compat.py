@@ -1,7 +1,7 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Four things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Five things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``);
@@ -11,7 +11,9 @@ engine registries, config ``_target_`` classes). Four things have no extension p
 3. on a CPU, the worker process group is built as ``cpu:gloo,cpu:gloo`` (rejected by torch):
    the worker passes plain ``gloo``;
 4. on a CPU, the forward-only (reference / teacher) FSDP2 engine pins host memory, which needs an
-   accelerator: the offload policy is built unpinned.
+   accelerator: the offload policy is built unpinned;
+5. the v1 trainer waits for finished rollouts in hard-coded 2-second sleeps, longer than a whole
+   step of a small model: it polls every ``VERL_DISTILL_ROLLOUT_POLL_S`` seconds (default 0.05).
 
 Each change is applied right after verl imports the module concerned (see
 :mod:`verl.distill.import_hooks`), only on the verl version it was written against, and checks
@@ -103,6 +105,30 @@ def _adapt_fsdp_engine(module: ModuleType) -> None:
     module.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
 
 
+ROLLOUT_POLL_ENV = "VERL_DISTILL_ROLLOUT_POLL_S"
+DEFAULT_ROLLOUT_POLL_S = 0.05
+
+
+def _poll_rollouts_promptly(module: ModuleType) -> None:
+    require_supported_verl()
+    import os
+
+    stock_buffer = module.ReplayBuffer
+    _expect(
+        inspect.signature(stock_buffer.__init__).parameters["poll_interval"].default == 2.0,
+        "ReplayBuffer no longer takes poll_interval=2.0",
+    )
+    poll_seconds = float(os.environ.get(ROLLOUT_POLL_ENV, DEFAULT_ROLLOUT_POLL_S))
+
+    class PromptlyPolledReplayBuffer(stock_buffer):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("poll_interval", poll_seconds)
+            super().__init__(*args, **kwargs)
+
+    PromptlyPolledReplayBuffer.__name__ = PromptlyPolledReplayBuffer.__qualname__ = stock_buffer.__name__
+    module.ReplayBuffer = PromptlyPolledReplayBuffer
+
+
 def _wrap_driver_hook(module: ModuleType) -> None:
     require_supported_verl()
     original_auto_set_device = module.auto_set_device
@@ -126,3 +152,4 @@ def install() -> None:
     when_imported("verl.utils.device", _wrap_driver_hook)
     when_imported("verl.workers.engine_workers", _adapt_engine_workers)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _adapt_fsdp_engine)
+    when_imported("verl.trainer.ppo.v1.replay_buffer", _poll_rollouts_promptly)

@@ -280,7 +280,11 @@ class HFRolloutServer:
         mm_processor_kwargs: Optional[dict[str, Any]] = None,
         priority: int = 0,
     ) -> TokenOutput:
-        """Generate a continuation of ``prompt_ids``; ``log_probs`` only when ``sampling_params['logprobs']``."""
+        """Generate a continuation of ``prompt_ids``; ``log_probs`` only when ``sampling_params['logprobs']``.
+
+        ``request_id`` and ``priority`` complete the call signature verl's agent loop uses; requests
+        are served in arrival order.
+        """
         if image_data is not None or video_data is not None or audio_data is not None:
             raise ValueError("hf rollout: multimodal inputs are not supported; use a text-only dataset")
         prompt_ids = normalize_token_ids(prompt_ids)
@@ -314,10 +318,15 @@ class HFRolloutServer:
         return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps})
 
     async def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: Optional[int] = None):
-        """Replace all weights; waits for the running request so no response mixes two versions."""
+        """Replace all weights; waits for the running request so no response mixes two versions.
+
+        A sync without a step number (verl re-syncs that way around validation) keeps the current
+        version tag, as verl's vLLM adapter does: the trainer's metrics need an integer tag.
+        """
         async with self._lock:
             load_full_state_dict(self.model, state_dict)
-        self.global_steps = global_steps
+        if global_steps is not None:
+            self.global_steps = global_steps
 
     async def set_global_steps(self, global_steps: int):
         self.global_steps = global_steps
@@ -365,8 +374,9 @@ class HFRolloutServer:
 class HFReplica(RolloutReplica):
     """A rollout replica backed by one :class:`HFRolloutServer` actor (no accelerator needed).
 
-    The server ignores the replica's workers and resource bundles: it is an ordinary Ray actor
-    without a CPU reservation, so it never competes with the trainer for scheduling slots.
+    The server ignores the replica's workers and resource bundles: it is an ordinary Ray actor that
+    holds no CPU reservation once started (Ray then gives it one torch thread), so it does not take
+    scheduling slots from the trainer's workers.
     """
 
     async def launch_servers(self):
@@ -402,7 +412,7 @@ class HFServerAdapter(BaseRollout):
         self.is_leader_rank = rank % rollout_world_size == 0
         self._server = None
 
-    def _server_handle(self):
+    def _server_actor(self):
         # looked up lazily: the server is launched after the trainer workers are built
         if self._server is None:
             self._server = ray.get_actor(server_actor_name(self.replica_rank))
@@ -430,11 +440,12 @@ class HFServerAdapter(BaseRollout):
             )
         if peft_config is not None:
             raise ValueError(
-                "hf rollout: LoRA adapters cannot be loaded into the server; set actor_rollout_ref.model.lora.merge=True"
+                "hf rollout: LoRA adapters cannot be loaded into the server; "
+                "set actor_rollout_ref.model.lora.merge=True"
             )
         state_dict = {}
         async for name, tensor in ensure_async_iterator(weights):
             if self.is_leader_rank:
                 state_dict[name] = tensor.detach().cpu()
         if self.is_leader_rank:
-            await self._server_handle().update_weights.remote(state_dict, global_steps)
+            await self._server_actor().update_weights.remote(state_dict, global_steps)
