@@ -74,6 +74,10 @@ def _adapt_engine_workers(module: ModuleType) -> None:
     )
     module.ppo_loss = route_actor_loss
 
+    from verl.distill.teacher import verify_init_model_routes_ref_model_config
+
+    verify_init_model_routes_ref_model_config(inspect.getsource(module.ActorRolloutRefWorker.init_model))
+
     from verl.distill.cpu_platform import cpu_platform_active
 
     original_init_group = module.initialize_global_process_group_ray

@@ -1,0 +1,98 @@
+"""Options of verl-distill's losses, mounted on the actor config as ``actor_rollout_ref.actor.distill``.
+
+The loss code reads ``getattr(actor_config, "distill", None)`` and falls back to
+``DistillLossConfig()``, so the losses also run with verl's plain ``ActorConfig``.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from verl.base_config import BaseConfig
+
+CONFIG_KEY = "actor_rollout_ref.actor.distill"
+
+
+@dataclass
+class DistillLossConfig(BaseConfig):
+    """Options of the distillation losses; see each field's ``help`` for its default and effect."""
+
+    log_ratio_clamp: float = field(
+        default=2.5,
+        metadata={
+            "help": (
+                "Default 2.5. Upper bound c on the log-ratio log teacher(y) - log student(y) used for the "
+                "*gradient* of low_var_kl (k3) on the sampled token y: the gradient with respect to the "
+                "student's log-prob is 1 - min(teacher/student, e^c), so a token the teacher likes far more "
+                "than the student still pulls the student up, with a bounded weight. The loss *value* stays "
+                "verl's (clamped to [-10, 10]), so actor/kl_loss is comparable with verl's. 2.5 is about where "
+                "verl's value clamp starts (k3 = 10 at a log-ratio of 2.53): up to there the gradient is "
+                "exactly k3's, and beyond it never exceeds the steepest gradient verl's own low_var_kl "
+                "produces (e^2.5 - 1 = 11.2), where verl's drops to zero. Larger values weight rare "
+                "teacher-preferred tokens more (faster with plain SGD, noisier); must lie in (0, 20]."
+            )
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "Default 1.0. Divides the teacher's and the student's logits alike before the "
+                "distribution-level losses (forward_kl_topk, reverse_kl_topk, jsd_topk) compare them. "
+                "The sampled-token losses (distillation with kl_loss_type) do not use it: they compare the "
+                "log-probs verl's engine computed, at actor_rollout_ref.rollout.temperature for both models. "
+                "Must be > 0."
+            )
+        },
+    )
+    topk: int = field(
+        default=32,
+        metadata={
+            "help": (
+                "Default 32. Number k of the teacher's most likely tokens kept per position for the "
+                "distribution-level losses; the rest of the vocabulary is one tail bucket, so each loss is "
+                "an exact divergence between (k+1)-category distributions. Larger k: closer to the "
+                "full-vocabulary divergence, more memory (k ids and k log-probs per token). Must be >= 1."
+            )
+        },
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "Default 0.5. Interpolation beta of jsd_topk: 0 gives the forward KL(teacher||student), 1 the "
+                "reverse KL(student||teacher), values in between the generalized Jensen-Shannon divergence "
+                "of GKD (Agarwal et al.) with mixture beta*teacher + (1-beta)*student, scaled by "
+                "1/(beta*(1-beta)) so that it is continuous in beta. Must lie in [0, 1]."
+            )
+        },
+    )
+    teacher_log_prob_floor: float = field(
+        default=-50.0,
+        metadata={
+            "help": (
+                "Default -50.0. Teacher log-probs below this value (including -inf from masked logits and an "
+                "empty tail bucket) are raised to it before any loss. A token the teacher rules out then "
+                "costs a large but finite amount (about |floor| nats) instead of infinity, and loss and "
+                "gradient stay finite. e^-50 is about 2e-22, far below any probability that matters. "
+                "Must be finite and < 0."
+            )
+        },
+    )
+
+    def __post_init__(self):
+        self._require(0 < self.log_ratio_clamp <= 20, "log_ratio_clamp", "must lie in (0, 20]", "2.5")
+        self._require(self.temperature > 0, "temperature", "must be > 0", "1.0")
+        self._require(self.topk >= 1, "topk", "must be >= 1", "32")
+        self._require(0 <= self.jsd_beta <= 1, "jsd_beta", "must lie in [0, 1]", "0.5")
+        self._require(
+            math.isfinite(self.teacher_log_prob_floor) and self.teacher_log_prob_floor < 0,
+            "teacher_log_prob_floor",
+            "must be finite and < 0",
+            "-50.0",
+        )
+
+    def _require(self, condition: bool, name: str, rule: str, default: str) -> None:
+        if not condition:
+            raise ValueError(
+                f"{CONFIG_KEY}.{name}={getattr(self, name)!r} {rule}; set it to a valid value (default {default})"
+            )

@@ -1,0 +1,116 @@
+"""verl-distill's ``distillation`` loss: a KL term toward the teacher and no policy-gradient term.
+
+The teacher lives in verl's reference slot, so its log-probs on the student's own tokens arrive as
+``data["ref_log_prob"]``, computed by the same engine code as the student's.
+"""
+
+import torch
+from tensordict import TensorDict
+
+from verl.distill.divergences import check_sampled_kl_estimator, sampled_token_kl
+from verl.distill.loss_config import DistillLossConfig
+from verl.trainer.ppo.core_algos import agg_loss
+from verl.utils.metric import AggregationType, Metric
+from verl.workers.utils.padding import no_padding_2_padding
+
+
+def _global_batch_info(config, data: TensorDict) -> dict:
+    """Global batch sizes for ``agg_loss``: each micro-batch's loss is its share of the global-batch loss.
+
+    Also stored on ``config.global_batch_info``, as verl's ``ppo_loss`` does.
+    """
+    info = {
+        "dp_size": data["dp_size"],
+        "batch_num_tokens": data["batch_num_tokens"],
+        "global_batch_size": data["global_batch_size"],
+        "loss_scale_factor": config.loss_scale_factor,
+    }
+    config.global_batch_info.update(info)
+    return info
+
+
+def _loss_metric_aggregation(global_batch_info: dict) -> AggregationType:
+    # A loss normalized by global sizes is a partial sum per micro-batch (verl's ppo_loss rule).
+    normalized_globally = global_batch_info["dp_size"] > 1 or any(
+        global_batch_info[key] is not None for key in ("batch_num_tokens", "global_batch_size", "loss_scale_factor")
+    )
+    return AggregationType.SUM if normalized_globally else AggregationType.MEAN
+
+
+def distillation_loss(config, model_output, data: TensorDict, dp_group=None):
+    """KL(student || teacher) on the student's sampled response tokens, times ``actor.kl_loss_coef``.
+
+    loss = kl_loss_coef * agg(kl_t) - entropy_coeff * agg(entropy_t)   (the entropy term only when
+    the engine computed entropy), where kl_t is the ``actor.kl_loss_type`` estimator on token t
+    (see :func:`verl.distill.divergences.sampled_token_kl`) and ``agg`` is ``agg_loss`` with
+    ``actor.loss_agg_mode`` normalized over the GLOBAL batch, so splitting it into micro-batches
+    changes neither the summed loss nor the gradient. No policy-gradient term is computed.
+
+    Engine calling convention (verl's ``ppo_loss``): ``model_output["log_probs"]`` nested over the
+    whole sequences (NO_PADDING), ``data`` the micro-batch with ``response_mask``, ``ref_log_prob``
+    (the teacher) and the global batch sizes ``dp_size``, ``batch_num_tokens``, ``global_batch_size``.
+    Options come from ``config.distill`` (:class:`DistillLossConfig`), defaults when absent.
+
+    Metrics (the trainer prefixes ``actor/``): kl_loss, kl_coef, pg_loss (0.0), distillation_mode
+    (1.0), teacher_log_prob_mean (after the floor) and student_log_prob_mean (token means over the
+    global batch), entropy_loss when entropy was computed.
+    """
+    options = getattr(config, "distill", None)
+    if options is None:
+        options = DistillLossConfig()
+    check_sampled_kl_estimator(config.kl_loss_type)
+    if "ref_log_prob" not in data.keys():
+        raise ValueError(
+            "distillation loss: data has no 'ref_log_prob' (the teacher's log-probs from the reference slot); "
+            "set actor_rollout_ref.actor.use_kl_loss=true so that verl builds the reference worker"
+        )
+
+    student_log_prob = no_padding_2_padding(model_output["log_probs"], data).float()
+    entropy = model_output.get("entropy", None)
+    if entropy is not None:
+        entropy = no_padding_2_padding(entropy, data)
+
+    global_batch_info = _global_batch_info(config, data)
+    metric_aggregation = _loss_metric_aggregation(global_batch_info)
+
+    padded = data.select("response_mask", "ref_log_prob").to_padded_tensor()
+    response_mask = padded["response_mask"].to(bool)
+    # Outside the response mask the teacher is set equal to the student: whatever the slot holds
+    # there (0, -inf, NaN) yields a zero KL and a zero gradient.
+    teacher_log_prob = torch.where(response_mask, padded["ref_log_prob"].float(), student_log_prob.detach())
+
+    per_token_kl = sampled_token_kl(
+        student_log_prob,
+        teacher_log_prob,
+        config.kl_loss_type,
+        log_ratio_clamp=options.log_ratio_clamp,
+        teacher_log_prob_floor=options.teacher_log_prob_floor,
+    )
+    kl_loss = agg_loss(
+        loss_mat=per_token_kl, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode, **global_batch_info
+    )
+    loss = kl_loss * config.kl_loss_coef
+
+    def token_mean(values: torch.Tensor) -> Metric:
+        mean = agg_loss(
+            loss_mat=values.detach(), loss_mask=response_mask, loss_agg_mode="token-mean", **global_batch_info
+        )
+        return Metric(value=mean, aggregation=metric_aggregation)
+
+    metrics = {
+        "kl_loss": Metric(value=kl_loss, aggregation=metric_aggregation),
+        "kl_coef": config.kl_loss_coef,
+        "pg_loss": 0.0,
+        "distillation_mode": 1.0,
+        "teacher_log_prob_mean": token_mean(teacher_log_prob.clamp(min=options.teacher_log_prob_floor)),
+        "student_log_prob_mean": token_mean(student_log_prob),
+    }
+
+    if entropy is not None:
+        entropy_loss = agg_loss(
+            loss_mat=entropy, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode, **global_batch_info
+        )
+        loss = loss - config.entropy_coeff * entropy_loss
+        metrics["entropy_loss"] = Metric(value=entropy_loss, aggregation=metric_aggregation)
+
+    return loss, metrics
