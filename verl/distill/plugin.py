@@ -1,7 +1,7 @@
 """verl-distill's entry point in verl's ``verl.plugins`` group: loaded by ``import verl`` in every process.
 
 It registers, into verl's own registries: the ``cpu`` platform, the ``hf`` rollout backend, the
-``distillation`` reward manager, the FSDP engines for device ``cpu``; and installs the few
+``distillation`` reward manager, the ``opd`` advantage estimator, the FSDP engines for device ``cpu``; and installs the few
 run-time adaptations of :mod:`verl.distill.compat`. Registrations that live in expensive verl
 modules happen when verl imports those modules, so a Ray process pays only for what it uses.
 
@@ -49,6 +49,10 @@ def _register_reward_manager(_reward_manager_package) -> None:
     import verl.workers.reward_manager.distillation  # noqa: F401  (registers "distillation")
 
 
+def _register_opd_estimator(_core_algos) -> None:
+    import verl.distill.opd  # noqa: F401  (registers the "opd" advantage estimator)
+
+
 def register_all() -> None:
     from verl.distill import compat, cpu_platform  # noqa: F401  (cpu_platform registers "cpu")
 
@@ -57,6 +61,7 @@ def register_all() -> None:
     when_imported("verl.workers.rollout.base", _register_hf_adapter)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _register_cpu_engines)
     when_imported("verl.experimental.reward_loop.reward_manager", _register_reward_manager)
+    when_imported("verl.trainer.ppo.core_algos", _register_opd_estimator)
 
 
 try:
