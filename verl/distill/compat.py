@@ -4,7 +4,8 @@ Everything else in verl-distill uses verl's extension points (platform, rollout,
 engine registries, config ``_target_`` classes). Five things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
-   the module-level name is routed through our loss registry (``policy_loss.loss_mode``);
+   the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
+   distribution-level losses ``init_model`` then hands the teacher engine to the actor's loss;
 2. the driver has no hook between composing the config and starting Ray: ``auto_set_device``
    (called first by ``main_ppo.main``) is wrapped to adapt the config to a CPU machine and to
    validate distillation settings while a mistake still costs nothing;
@@ -51,16 +52,43 @@ def _expect(condition: bool, what: str) -> None:
         raise UnsupportedVerlError(f"verl-distill cannot adapt verl {SUPPORTED_VERL_VERSION}: {what}")
 
 
-def route_actor_loss(config, model_output, data, dp_group=None):
+def route_actor_loss(config, model_output=None, data=None, dp_group=None, **distribution_inputs):
     """The actor's loss, chosen by ``actor.policy_loss.loss_mode`` through verl-distill's loss registry.
 
     verl's own policy losses (``vanilla``, ``gspo``, ...) resolve to verl's ``ppo_loss``, so a stock
-    configuration trains exactly as before.
+    configuration trains exactly as before. Distribution-level losses are also called by the engine
+    as its logits processor, with ``student_logits`` and the ``teacher_engine`` bound at init.
     """
     from verl.workers.roles.utils.loss_registry import get_loss_fn
 
     loss_fn = get_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
+    if "student_logits" in distribution_inputs:
+        return loss_fn(config=config, data=data, **distribution_inputs)
     return loss_fn(config=config, model_output=model_output, data=data, dp_group=dp_group)
+
+
+def _give_actor_the_teacher(worker) -> None:
+    """For distribution-level losses: bind the teacher engine to the actor's loss and ask the engine
+    for the student's logits (verl's ``distillation_use_topk`` logits-processor path)."""
+    from verl.workers.roles.utils.loss_registry import needs_teacher_logits
+
+    if "actor" not in worker.role or getattr(worker, "ref", None) is None:
+        return
+    actor_config = worker.loss_fn.keywords["config"]
+    if not needs_teacher_logits(actor_config.policy_loss.get("loss_mode", "vanilla")):
+        return
+    worker.loss_fn = functools.partial(route_actor_loss, config=actor_config, teacher_engine=worker.ref.engine)
+    worker.actor.set_loss_fn(worker.loss_fn)
+    train_mini_batch = worker.actor.train_mini_batch
+
+    @functools.wraps(train_mini_batch)
+    def train_with_student_logits(data):
+        from verl.utils import tensordict_utils as tu
+
+        tu.assign_non_tensor(data, distillation_use_topk=True)
+        return train_mini_batch(data=data)
+
+    worker.actor.train_mini_batch = train_with_student_logits
 
 
 def _adapt_engine_workers(module: ModuleType) -> None:
@@ -77,6 +105,15 @@ def _adapt_engine_workers(module: ModuleType) -> None:
     from verl.distill.teacher import verify_init_model_routes_ref_model_config
 
     verify_init_model_routes_ref_model_config(inspect.getsource(module.ActorRolloutRefWorker.init_model))
+
+    original_init_model = module.ActorRolloutRefWorker.init_model
+
+    @functools.wraps(original_init_model)
+    def init_model(self):
+        original_init_model(self)
+        _give_actor_the_teacher(self)
+
+    module.ActorRolloutRefWorker.init_model = init_model
 
     from verl.distill.cpu_platform import cpu_platform_active
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+from verl.workers.roles.utils.distribution_losses import forward_kl_topk_loss, jsd_topk_loss, reverse_kl_topk_loss
 from verl.workers.roles.utils.losses import distillation_loss
 from verl.workers.utils.losses import ppo_loss
 
@@ -25,10 +26,14 @@ LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
 LOSS_REGISTRY: dict[str, LossFn] = {}
 DISTILLATION_LOSS_MODES: set[str] = set()
+TEACHER_LOGITS_LOSS_MODES: set[str] = set()
 
 
-def register_loss(name: str, *, distillation: bool = False) -> Callable[[LossFn], LossFn]:
-    """Register a loss under ``name``; ``distillation=True`` marks it as training toward the teacher.
+def register_loss(
+    name: str, *, distillation: bool = False, teacher_logits: bool = False
+) -> Callable[[LossFn], LossFn]:
+    """Register a loss under ``name``; ``distillation=True`` marks it as training toward the teacher,
+    ``teacher_logits=True`` as needing the teacher's whole distribution in the actor update.
 
     Registering a different function under a taken name raises instead of silently replacing it.
     """
@@ -43,13 +48,15 @@ def register_loss(name: str, *, distillation: bool = False) -> Callable[[LossFn]
         LOSS_REGISTRY[name] = fn
         if distillation:
             DISTILLATION_LOSS_MODES.add(name)
+        if teacher_logits:
+            TEACHER_LOGITS_LOSS_MODES.add(name)
         return fn
 
     return decorator
 
 
 def valid_loss_modes() -> list[str]:
-    """Every accepted ``loss_mode``: ours, then verl's policy losses (read at call time, so late registrations count)."""
+    """Every accepted ``loss_mode``: ours, then verl's policy losses (read now: late registrations count)."""
     return [*LOSS_REGISTRY, *(name for name in POLICY_LOSS_REGISTRY if name not in LOSS_REGISTRY)]
 
 
@@ -67,5 +74,13 @@ def is_distillation_mode(loss_mode: str) -> bool:
     return loss_mode in DISTILLATION_LOSS_MODES
 
 
+def needs_teacher_logits(loss_mode: str) -> bool:
+    """Whether ``loss_mode`` compares whole distributions, so the actor update needs the teacher's logits."""
+    return loss_mode in TEACHER_LOGITS_LOSS_MODES
+
+
 register_loss("ppo")(ppo_loss)
 register_loss("distillation", distillation=True)(distillation_loss)
+register_loss("forward_kl_topk", distillation=True, teacher_logits=True)(forward_kl_topk_loss)
+register_loss("reverse_kl_topk", distillation=True, teacher_logits=True)(reverse_kl_topk_loss)
+register_loss("jsd_topk", distillation=True, teacher_logits=True)(jsd_topk_loss)
