@@ -273,7 +273,11 @@ def forward_kl_topk(
     ``student_logits[..., :valid_vocab_size]`` to leave padded rows out of the student's tail.
     """
     student, teacher = _topk_with_tail(
-        student_logits, teacher_topk_ids, teacher_topk_log_probs, teacher_tail_log_prob, temperature,
+        student_logits,
+        teacher_topk_ids,
+        teacher_topk_log_probs,
+        teacher_tail_log_prob,
+        temperature,
         teacher_log_prob_floor,
     )
     return _kl_terms(teacher, student).sum(dim=-1).float()
@@ -295,7 +299,11 @@ def reverse_kl_topk(
     teacher rules out costs at most about |teacher_log_prob_floor| nats per unit of student mass.
     """
     student, teacher = _topk_with_tail(
-        student_logits, teacher_topk_ids, teacher_topk_log_probs, teacher_tail_log_prob, temperature,
+        student_logits,
+        teacher_topk_ids,
+        teacher_topk_log_probs,
+        teacher_tail_log_prob,
+        temperature,
         teacher_log_prob_floor,
     )
     return _kl_terms(student, teacher).sum(dim=-1).float()
@@ -326,7 +334,11 @@ def jsd_topk(
     if not 0 <= beta <= 1:
         raise ValueError(f"{CONFIG_KEY}.jsd_beta={beta} must lie in [0, 1]; 0 = forward KL, 1 = reverse KL")
     student, teacher = _topk_with_tail(
-        student_logits, teacher_topk_ids, teacher_topk_log_probs, teacher_tail_log_prob, temperature,
+        student_logits,
+        teacher_topk_ids,
+        teacher_topk_log_probs,
+        teacher_tail_log_prob,
+        temperature,
         teacher_log_prob_floor,
     )
     if beta < _SMALLEST_NORMAL_BETA:

@@ -29,7 +29,7 @@ from verl.distill.loss_config import DistillLossConfig
 from verl.trainer.ppo.core_algos import agg_loss
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import Metric
-from verl.workers.roles.utils.losses import _global_batch_info, _loss_metric_aggregation
+from verl.workers.roles.utils.losses import global_batch_info_for, loss_metric_aggregation
 from verl.workers.utils.padding import no_padding_2_padding
 
 TOKEN_DIVERGENCE_KEY = "distill_token_divergence"
@@ -72,8 +72,8 @@ def _aggregate(name: str, config, model_output, data: TensorDict):
     divergence = no_padding_2_padding(model_output[TOKEN_DIVERGENCE_KEY], data)
     padded = data.select("response_mask", "ref_log_prob").to_padded_tensor()
     response_mask = padded["response_mask"].to(bool)
-    global_batch_info = _global_batch_info(config, data)
-    aggregation = _loss_metric_aggregation(global_batch_info)
+    global_batch_info = global_batch_info_for(config, data)
+    aggregation = loss_metric_aggregation(global_batch_info)
     divergence_loss = agg_loss(divergence, response_mask, config.loss_agg_mode, **global_batch_info)
 
     def token_mean(values: torch.Tensor) -> Metric:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, compute_policy_loss_vanilla, register_policy_loss
 from verl.workers.roles.utils.distribution_losses import forward_kl_topk_loss, jsd_topk_loss, reverse_kl_topk_loss
 from verl.workers.roles.utils.losses import distillation_loss
 from verl.workers.utils.losses import ppo_loss
@@ -79,6 +79,9 @@ def needs_teacher_logits(loss_mode: str) -> bool:
     return loss_mode in TEACHER_LOGITS_LOSS_MODES
 
 
+# `ppo` is also a valid policy_loss.loss_mode value: verl's ppo_loss then looks the same name up in
+# verl's policy-loss registry, where it means the vanilla PPO-clip loss.
+register_policy_loss("ppo")(compute_policy_loss_vanilla)
 register_loss("ppo")(ppo_loss)
 register_loss("distillation", distillation=True)(distillation_loss)
 register_loss("forward_kl_topk", distillation=True, teacher_logits=True)(forward_kl_topk_loss)

@@ -14,7 +14,7 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
 
-def _global_batch_info(config, data: TensorDict) -> dict:
+def global_batch_info_for(config, data: TensorDict) -> dict:
     """Global batch sizes for ``agg_loss``: each micro-batch's loss is its share of the global-batch loss.
 
     Also stored on ``config.global_batch_info``, as verl's ``ppo_loss`` does.
@@ -29,7 +29,7 @@ def _global_batch_info(config, data: TensorDict) -> dict:
     return info
 
 
-def _loss_metric_aggregation(global_batch_info: dict) -> AggregationType:
+def loss_metric_aggregation(global_batch_info: dict) -> AggregationType:
     # A loss normalized by global sizes is a partial sum per micro-batch (verl's ppo_loss rule).
     normalized_globally = global_batch_info["dp_size"] > 1 or any(
         global_batch_info[key] is not None for key in ("batch_num_tokens", "global_batch_size", "loss_scale_factor")
@@ -70,8 +70,8 @@ def distillation_loss(config, model_output, data: TensorDict, dp_group=None):
     if entropy is not None:
         entropy = no_padding_2_padding(entropy, data)
 
-    global_batch_info = _global_batch_info(config, data)
-    metric_aggregation = _loss_metric_aggregation(global_batch_info)
+    global_batch_info = global_batch_info_for(config, data)
+    metric_aggregation = loss_metric_aggregation(global_batch_info)
 
     padded = data.select("response_mask", "ref_log_prob").to_padded_tensor()
     response_mask = padded["response_mask"].to(bool)
