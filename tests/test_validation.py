@@ -215,3 +215,12 @@ def test_data_files_as_a_list_are_each_checked(files):
 def test_prompt_key_names_the_column(files):
     other_column = [f"data.{split}_files={files['no_prompt']}" for split in ("train", "val")]
     validate_distillation_config(distillation_config(files, "data.prompt_key=question", *other_column))
+
+
+@pytest.mark.parametrize("loss_mode", ["forward_kl_topk", "reverse_kl_topk", "jsd_topk"])
+def test_distribution_losses_need_the_fsdp_actor(files, loss_mode):
+    config = distillation_config(
+        files, f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}", config_name="distillation_megatron_trainer"
+    )
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode" in refusal(config) and "megatron" in refusal(config)
+    validate_distillation_config(distillation_config(files, f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}"))

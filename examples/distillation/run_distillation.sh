@@ -77,7 +77,6 @@ exec "$PYTHON" -m verl.trainer.main_ppo --config-name=distillation_trainer \
     actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=${MICRO_BATCH_SIZE:-8} \
     actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=${MICRO_BATCH_SIZE:-8} \
     actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=${MICRO_BATCH_SIZE:-8} \
-    actor_rollout_ref.ref.fsdp_config.param_offload=true \
     actor_rollout_ref.rollout.name="$ROLLOUT" \
     actor_rollout_ref.rollout.tensor_model_parallel_size=${ROLLOUT_TP:-1} \
     actor_rollout_ref.rollout.gpu_memory_utilization=${GPU_MEMORY_UTILIZATION:-0.5} \

@@ -108,9 +108,12 @@ def _adapt_engine_workers(module: ModuleType) -> None:
 
     original_init_model = module.ActorRolloutRefWorker.init_model
 
+    from verl.distill.teacher import check_ref_holds_teacher
+
     @functools.wraps(original_init_model)
     def init_model(self):
         original_init_model(self)
+        check_ref_holds_teacher(self)
         _give_actor_the_teacher(self)
 
     module.ActorRolloutRefWorker.init_model = init_model

@@ -53,16 +53,16 @@ def low_var_kl(log_ratio: torch.Tensor, log_ratio_clamp: float = _DEFAULTS.log_r
     Value: exactly verl's, min(k3(clamp(r, -20, 20)), 10), so ``actor/kl_loss`` reads like verl's.
 
     Gradient: dk3/dr = 1 - e^{-r} = 1 - nu(y)/pi(y). Behind verl's value clamp it is 0 as soon as
-    k3 > 10, i.e. when the teacher gives y more than ~12.5x the student's probability (r < -2.53)
+    k3 > 10, i.e. when the teacher gives y more than ~13.6x the student's probability (r < -2.61)
     or less than e^{-11} of it (r > 11): exactly the tokens the student most needs to learn from.
     Here instead, with c = ``log_ratio_clamp``::
 
         dL/dr = 1 - min(nu(y)/pi(y), e^c)          (straight-through: k3's gradient at max(r, -c))
 
     * r >= -c: k3's exact gradient (with c = 2.5: wherever verl's gradient is non-zero, up to the
-      last 0.03 before its clamp at r = -2.53).
+      last 0.11 before its clamp at r = -2.61).
     * r < -c: the importance weight nu/pi is truncated at e^c, so |dL/dr| <= e^c - 1 (11.2 for
-      c = 2.5, just under the steepest gradient verl's own clamped k3 gives): a teacher that is sure
+      c = 2.5, just under the steepest gradient verl's own clamped k3 gives, 12.6): a teacher that is sure
       of y still pulls log pi(y) up, with a bounded, finite step.
     * r > 0 (student over-confident in y): 1 - e^{-r} lies in (0, 1), exact, never clamped, also
       beyond r = 11 where verl's gradient is 0.

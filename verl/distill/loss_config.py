@@ -25,9 +25,9 @@ class DistillLossConfig(BaseConfig):
                 "student's log-prob is 1 - min(teacher/student, e^c), so a token the teacher likes far more "
                 "than the student still pulls the student up, with a bounded weight. The loss *value* stays "
                 "verl's (clamped to [-10, 10]), so actor/kl_loss is comparable with verl's. 2.5 is about where "
-                "verl's value clamp starts (k3 = 10 at a log-ratio of 2.53): up to there the gradient is "
-                "exactly k3's, and beyond it never exceeds the steepest gradient verl's own low_var_kl "
-                "produces (e^2.5 - 1 = 11.2), where verl's drops to zero. Larger values weight rare "
+                "verl's value clamp starts (k3 = 10 at a log-ratio of 2.61): up to there the gradient is "
+                "exactly k3's, and beyond it stays below the steepest gradient verl's own low_var_kl "
+                "produces (12.6; here e^2.5 - 1 = 11.2), where verl's drops to zero. Larger values weight rare "
                 "teacher-preferred tokens more (faster with plain SGD, noisier); must lie in (0, 20]."
             )
         },
@@ -79,6 +79,43 @@ class DistillLossConfig(BaseConfig):
         },
     )
 
+    rl_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "Default 1.0. Used by loss_mode=hybrid only: weight of the policy-gradient term, verl's policy "
+                "loss (distill.rl_policy_loss) on the task advantages the trainer computed from the reward "
+                "manager's scores (GRPO, or GAE with a critic). loss = rl_coef * pg_loss + distillation_coef * "
+                "kl_loss. 0 leaves pure distillation. Must be finite and >= 0, and not 0 together with "
+                "distillation_coef."
+            )
+        },
+    )
+    distillation_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": (
+                "Default 1.0. Used by loss_mode=hybrid only: weight of the distillation term, the sampled-token "
+                "KL(student || teacher) with the actor.kl_loss_type estimator. It replaces actor.kl_loss_coef, "
+                "which hybrid does not read (so the teacher term is never weighted twice): "
+                "hybrid with rl_coef=0 and distillation_coef=c is the distillation loss with kl_loss_coef=c. "
+                "0 leaves verl's policy loss alone. Must be finite and >= 0, and not 0 together with rl_coef."
+            )
+        },
+    )
+    rl_policy_loss: str = field(
+        default="vanilla",
+        metadata={
+            "help": (
+                "Default vanilla (PPO-clip). Used by loss_mode=hybrid only: the name, in verl's policy-loss "
+                "registry (vanilla, gspo, sapo, gpg, clip_cov, kl_cov, geo_mean, cispo, ...), of the "
+                "policy-gradient term. It plays the part of actor.policy_loss.loss_mode in a plain RL run, "
+                "which holds 'hybrid' here; the chosen loss still reads its own options from "
+                "actor.policy_loss (e.g. clip_cov_ratio) and the actor's clip ratios."
+            )
+        },
+    )
+
     def __post_init__(self):
         self._require(0 < self.log_ratio_clamp <= 20, "log_ratio_clamp", "must lie in (0, 20]", "2.5")
         self._require(self.temperature > 0, "temperature", "must be > 0", "1.0")
@@ -89,6 +126,21 @@ class DistillLossConfig(BaseConfig):
             "teacher_log_prob_floor",
             "must be finite and < 0",
             "-50.0",
+        )
+        for name in ("rl_coef", "distillation_coef"):
+            value = getattr(self, name)
+            self._require(math.isfinite(value) and value >= 0, name, "must be finite and >= 0", "1.0")
+        self._require(
+            self.rl_coef > 0 or self.distillation_coef > 0,
+            "distillation_coef",
+            f"and rl_coef={self.rl_coef!r} are both 0, so the hybrid loss would train nothing",
+            "1.0",
+        )
+        self._require(
+            isinstance(self.rl_policy_loss, str) and self.rl_policy_loss != "",
+            "rl_policy_loss",
+            "must name one of verl's policy losses",
+            "vanilla",
         )
 
     def _require(self, condition: bool, name: str, rule: str, default: str) -> None:

@@ -172,7 +172,7 @@ def verify_init_model_routes_ref_model_config(init_model_source: Optional[str] =
 def check_ref_holds_teacher(worker) -> None:
     """After ``ActorRolloutRefWorker.init_model``: the ref engine must hold the requested teacher."""
     teacher_path = (worker.config.ref.get("model") or {}).get("path")
-    if not teacher_path or worker.ref is None:
+    if not teacher_path or getattr(worker, "ref", None) is None:
         return
     loaded_path = worker.ref.engine.model_config.path
     if loaded_path != teacher_path:

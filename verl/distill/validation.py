@@ -125,7 +125,7 @@ def _check_teacher_slot(config: DictConfig) -> None:
 
 
 def _check_loss(config: DictConfig) -> None:
-    from verl.workers.roles.utils.loss_registry import is_distillation_mode, valid_loss_modes
+    from verl.workers.roles.utils.loss_registry import is_distillation_mode, needs_teacher_logits, valid_loss_modes
 
     loss_mode = _get(config, LOSS_MODE_KEY, "vanilla")
     known_modes = valid_loss_modes()
@@ -143,6 +143,16 @@ def _check_loss(config: DictConfig) -> None:
             "is false: verl then builds no reference worker, so the teacher is never asked",
             "set actor_rollout_ref.actor.use_kl_loss=true",
         )
+
+    if needs_teacher_logits(loss_mode):
+        strategy = _get(config, "actor_rollout_ref.actor.strategy")
+        if strategy not in ("fsdp", "fsdp2"):
+            raise DistillConfigError(
+                LOSS_MODE_KEY,
+                f"{loss_mode} reads the teacher's logits inside the FSDP actor update, not available with strategy {strategy}",
+                "use the FSDP trainer (distillation_trainer) or loss_mode=distillation",
+            )
+        return  # compares whole distributions: kl_loss_type plays no part
 
     kl_loss_type = str(_get(config, "actor_rollout_ref.actor.kl_loss_type"))
     if distillation_loss:

@@ -17,6 +17,7 @@ import torch
 
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, compute_policy_loss_vanilla, register_policy_loss
 from verl.workers.roles.utils.distribution_losses import forward_kl_topk_loss, jsd_topk_loss, reverse_kl_topk_loss
+from verl.workers.roles.utils.hybrid_loss import hybrid_loss
 from verl.workers.roles.utils.losses import distillation_loss
 from verl.workers.utils.losses import ppo_loss
 
@@ -87,3 +88,4 @@ register_loss("distillation", distillation=True)(distillation_loss)
 register_loss("forward_kl_topk", distillation=True, teacher_logits=True)(forward_kl_topk_loss)
 register_loss("reverse_kl_topk", distillation=True, teacher_logits=True)(reverse_kl_topk_loss)
 register_loss("jsd_topk", distillation=True, teacher_logits=True)(jsd_topk_loss)
+register_loss("hybrid", distillation=True)(hybrid_loss)

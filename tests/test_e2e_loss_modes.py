@@ -1,0 +1,84 @@
+"""Every loss mode trains 5 steps on a CPU through ``python -m verl.trainer.main_ppo``, teacher in the ref slot.
+
+One run per mode (start-up dominates a run's cost), each checked on what it logged at every step.
+"""
+
+import math
+
+import pytest
+from trainer_runs import TINY_RUN, TrainerRun, run_trainer
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+
+# Partial credit for digits: a random tiny student never states a gsm8k answer, so verl's exact-match
+# scorer would give every sample 0 and GRPO every token a zero advantage (no policy gradient to check).
+DIGIT_FRACTION_SCORER = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+    return sum(character.isdigit() for character in solution_str) / max(len(solution_str), 1)
+'''
+
+
+def train(tiny_assets, workdir, config_name, *overrides) -> TrainerRun:
+    run = run_trainer(
+        workdir,
+        [
+            f"data.train_files={tiny_assets.train_files}",
+            f"data.val_files={tiny_assets.val_files}",
+            f"actor_rollout_ref.model.path={tiny_assets.student}",
+            f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
+            *TINY_RUN,
+            f"trainer.total_training_steps={STEPS}",
+            *overrides,
+        ],
+        config_name=config_name,
+    )
+    assert run.returncode == 0, run.explain()
+    assert run.steps() == list(range(1, STEPS + 1))
+    return run
+
+
+def every_step(run: TrainerRun, key: str) -> list[float]:
+    values = run.series(key)
+    assert len(values) == STEPS, f"{key} logged at {len(values)} of {STEPS} steps"
+    assert all(math.isfinite(value) for value in values), f"{key}: {values}"
+    return values
+
+
+def test_policy_gradient_opd_learns_through_the_reward_kl_penalty(tiny_assets, tmp_path):
+    run = train(tiny_assets, tmp_path, "distillation_opd_trainer")
+    every_step(run, "actor/pg_loss")
+    # student and teacher differ, so the in-reward KL (the advantage's source) is not zero
+    assert all(value != 0 for value in every_step(run, "actor/reward_kl_penalty"))
+    assert not run.series("actor/kl_loss")
+
+
+@pytest.mark.parametrize("loss_mode", ["forward_kl_topk", "reverse_kl_topk", "jsd_topk"])
+def test_distribution_loss_trains_toward_the_teacher(tiny_assets, tmp_path, loss_mode):
+    run = train(tiny_assets, tmp_path, "distillation_trainer", f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}")
+    assert all(value > 0 for value in every_step(run, "actor/kl_loss"))  # two different random models
+    assert every_step(run, "actor/distillation_mode") == [1.0] * STEPS
+    assert every_step(run, "actor/pg_loss") == [0.0] * STEPS
+
+
+def test_hybrid_grpo_logs_the_task_and_the_distillation_terms_separately(tiny_assets, tmp_path):
+    scorer = tmp_path / "digit_fraction.py"
+    scorer.write_text(DIGIT_FRACTION_SCORER)
+    run = train(
+        tiny_assets,
+        tmp_path,
+        "distillation_hybrid_trainer",
+        f"reward.custom_reward_function.path={scorer}",
+        "actor_rollout_ref.actor.distill.rl_coef=0.5",
+        "actor_rollout_ref.actor.distill.distillation_coef=2.0",
+    )
+    assert every_step(run, "actor/rl_coef") == [0.5] * STEPS
+    assert every_step(run, "actor/distillation_coef") == [2.0] * STEPS
+    assert all(value > 0 for value in every_step(run, "actor/kl_loss"))
+    every_step(run, "actor/pg_loss")
+    every_step(run, "actor/pg_clipfrac")
+    every_step(run, "actor/teacher_log_prob_mean")
+    # the naive reward manager scored the samples and GRPO turned the scores into non-zero advantages
+    assert any(value > 0 for value in every_step(run, "critic/score/max"))
+    assert any(value > 0 for value in every_step(run, "critic/advantages/max"))
