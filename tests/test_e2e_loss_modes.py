@@ -1,6 +1,8 @@
-"""Every loss mode trains 5 steps on a CPU through ``python -m verl.trainer.main_ppo``, teacher in the ref slot.
+"""Every loss mode runs 5 training steps on a CPU through ``python -m verl.trainer.main_ppo``, teacher in the ref slot.
 
 One run per mode (start-up dominates a run's cost), each checked on what it logged at every step.
+PPO (GAE with a critic) is not run here: on a CPU verl 0.9.1's value-model loader
+(``verl.utils.model.load_valuehead_model``) forces flash_attention_2 and fails before training.
 """
 
 import math
@@ -46,7 +48,7 @@ def every_step(run: TrainerRun, key: str) -> list[float]:
     return values
 
 
-def test_policy_gradient_opd_learns_through_the_reward_kl_penalty(tiny_assets, tmp_path):
+def test_policy_gradient_opd_logs_pg_loss_and_the_reward_kl_penalty_only(tiny_assets, tmp_path):
     run = train(tiny_assets, tmp_path, "distillation_opd_trainer")
     every_step(run, "actor/pg_loss")
     # student and teacher differ, so the in-reward KL (the advantage's source) is not zero
@@ -55,8 +57,10 @@ def test_policy_gradient_opd_learns_through_the_reward_kl_penalty(tiny_assets, t
 
 
 @pytest.mark.parametrize("loss_mode", ["forward_kl_topk", "reverse_kl_topk", "jsd_topk"])
-def test_distribution_loss_trains_toward_the_teacher(tiny_assets, tmp_path, loss_mode):
-    run = train(tiny_assets, tmp_path, "distillation_trainer", f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}")
+def test_distribution_loss_logs_a_positive_divergence_and_no_policy_gradient(tiny_assets, tmp_path, loss_mode):
+    run = train(
+        tiny_assets, tmp_path, "distillation_trainer", f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}"
+    )
     assert all(value > 0 for value in every_step(run, "actor/kl_loss"))  # two different random models
     assert every_step(run, "actor/distillation_mode") == [1.0] * STEPS
     assert every_step(run, "actor/pg_loss") == [0.0] * STEPS
@@ -75,8 +79,11 @@ def test_hybrid_grpo_logs_the_task_and_the_distillation_terms_separately(tiny_as
     )
     assert every_step(run, "actor/rl_coef") == [0.5] * STEPS
     assert every_step(run, "actor/distillation_coef") == [2.0] * STEPS
-    assert all(value > 0 for value in every_step(run, "actor/kl_loss"))
-    every_step(run, "actor/pg_loss")
+    kl_loss, pg_loss = every_step(run, "actor/kl_loss"), every_step(run, "actor/pg_loss")
+    assert all(value > 0 for value in kl_loss)
+    # the optimised loss is the weighted sum of the two separately logged terms
+    expected = [0.5 * pg + 2.0 * kl for pg, kl in zip(pg_loss, kl_loss, strict=True)]
+    assert every_step(run, "actor/loss") == pytest.approx(expected, rel=1e-4, abs=1e-5)
     every_step(run, "actor/pg_clipfrac")
     every_step(run, "actor/teacher_log_prob_mean")
     # the naive reward manager scored the samples and GRPO turned the scores into non-zero advantages
