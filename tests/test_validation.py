@@ -224,3 +224,23 @@ def test_distribution_losses_need_the_fsdp_actor(files, loss_mode):
     )
     assert "actor_rollout_ref.actor.policy_loss.loss_mode" in refusal(config) and "megatron" in refusal(config)
     validate_distillation_config(distillation_config(files, f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}"))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("actor_rollout_ref.actor.distill.topk=0", "actor_rollout_ref.actor.distill.topk"),
+        ("actor_rollout_ref.actor.distill.jsd_beta=2", "actor_rollout_ref.actor.distill.jsd_beta"),
+        ("+actor_rollout_ref.actor.distill.nonsense=1", "actor_rollout_ref.actor.distill"),
+    ],
+)
+def test_bad_distill_option_is_one_line(files, override, key):
+    message = refusal(distillation_config(files, override))
+    assert message.startswith(key) and "\n" not in message
+
+
+def test_hybrid_with_unknown_policy_loss(files):
+    config = distillation_config(
+        files, "actor_rollout_ref.actor.distill.rl_policy_loss=nope", config_name="distillation_hybrid_trainer"
+    )
+    assert refusal(config).startswith("actor_rollout_ref.actor.distill.rl_policy_loss: unknown policy loss 'nope'")

@@ -73,6 +73,7 @@ def validate_distillation_config(config: DictConfig) -> None:
     _check_student(config)
     _check_teacher_slot(config)
     _check_loss(config)
+    _check_distill_options(config)
     _check_rewards_and_advantages(config)
     for key in DATA_FILE_KEYS:
         _check_data_files(config, key)
@@ -162,6 +163,31 @@ def _check_loss(config: DictConfig) -> None:
             KL_LOSS_TYPE_KEY,
             f"unknown KL estimator {kl_loss_type!r}",
             f"use one of: {', '.join(VERL_KL_ESTIMATORS)} (optionally with '+', e.g. k3+)",
+        )
+
+
+def _check_distill_options(config: DictConfig) -> None:
+    """The ``distill`` node builds its dataclass on the driver too: report a bad value in one line
+    here rather than as Hydra's instantiation traceback from verl's own config check."""
+    from verl.distill.loss_config import CONFIG_KEY, DistillLossConfig
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    node = _get(config, CONFIG_KEY)
+    if node is None:
+        return
+    options = {key: value for key, value in node.items() if key != "_target_"}
+    try:
+        built = DistillLossConfig(**options)
+    except TypeError as error:
+        raise DistillConfigError(CONFIG_KEY, str(error), "remove the unknown key (see docs/algo/distillation.md)")
+    except ValueError as error:
+        key, _, problem = str(error).partition("=")
+        raise DistillConfigError(key, problem, "see the option's range in docs/algo/distillation.md")
+    if _get(config, LOSS_MODE_KEY) == "hybrid" and built.rl_policy_loss not in POLICY_LOSS_REGISTRY:
+        raise DistillConfigError(
+            f"{CONFIG_KEY}.rl_policy_loss",
+            f"unknown policy loss {built.rl_policy_loss!r}",
+            f"use one of: {', '.join(POLICY_LOSS_REGISTRY)}",
         )
 
 
