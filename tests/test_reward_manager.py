@@ -129,29 +129,13 @@ async def test_custom_reward_function_scores_accuracy_but_not_reward(tokenizer):
     assert result == {"reward_score": 0.0, "reward_extra_info": {"acc": 0.25}}
 
 
-async def test_toy_task_is_scored_by_its_own_scorer(tokenizer, monkeypatch):
-    seen = {}
-
-    def toy_score(data_source, solution_str, ground_truth, extra_info=None):
-        seen.update(solution=solution_str, truth=ground_truth)
-        return 1.0
-
-    toy_task = types.ModuleType("fake_toy_task")
-    toy_task.compute_score = toy_score
-    monkeypatch.setitem(sys.modules, distillation.TOY_SCORER_MODULE, toy_task)
+@pytest.mark.parametrize("response, accuracy", [("72", 1.0), ("72 72", 0.0)])
+async def test_toy_task_is_scored_by_its_own_scorer(tokenizer, response, accuracy):
+    # the toy task writes the sum with its digits reversed
     manager = DistillationRewardManager(reward_config(), tokenizer, compute_score=default_compute_score)
-    toy = {"data_source": distillation.TOY_DATA_SOURCE, "reward_model": {"ground_truth": "72"}}
-    result = await manager.run_single(sample(tokenizer, "72 <eos>", **toy))
-    assert result["reward_extra_info"] == {"acc": 1.0}
-    assert seen == {"solution": "72", "truth": "72"}
-
-
-async def test_missing_toy_task_only_disables_its_accuracy(tokenizer, monkeypatch):
-    monkeypatch.setattr(distillation, "TOY_SCORER_MODULE", "verl.distill.no_such_package.task")
-    manager = DistillationRewardManager(reward_config(), tokenizer, compute_score=default_compute_score)
-    toy = {"data_source": distillation.TOY_DATA_SOURCE, "reward_model": {"ground_truth": "72"}}
-    result = await manager.run_single(sample(tokenizer, "72", **toy))
-    assert result == {"reward_score": 0.0, "reward_extra_info": {"acc": None}}
+    toy = {"data_source": distillation.TOY_DATA_SOURCE, "reward_model": {"ground_truth": "27"}}
+    result = await manager.run_single(sample(tokenizer, response, **toy))
+    assert result == {"reward_score": 0.0, "reward_extra_info": {"acc": accuracy}}
 
 
 def test_registered_in_the_reward_loop_registry():

@@ -25,7 +25,6 @@ know: accuracy is then not reported).
 
 import inspect
 import logging
-from importlib import import_module
 from typing import Any, Callable, Optional
 
 from verl import DataProto
@@ -34,21 +33,7 @@ from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
 logger = logging.getLogger(__name__)
 
-TOY_DATA_SOURCE = "toy_addition"
-TOY_SCORER_MODULE = "verl.distill.toy.task"
-
-
-def _toy_scorer() -> Optional[Callable[..., Any]]:
-    """The toy task's scorer, or None when the toy task is not part of this installation."""
-    try:
-        toy_task = import_module(TOY_SCORER_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name not in (TOY_SCORER_MODULE, TOY_SCORER_MODULE.rpartition(".")[0]):
-            raise  # the toy task is installed but broken: say so instead of silently not scoring
-        return None
-    return toy_task.compute_score
-
-
+from verl.distill.toy.reward import DATA_SOURCE as TOY_DATA_SOURCE
 def _custom_reward_function_configured(config) -> bool:
     reward_fn_config = config.get("reward", {}).get("custom_reward_function") or {}
     return bool(reward_fn_config.get("path"))
@@ -89,9 +74,9 @@ class DistillationRewardManager(RewardManagerBase):
         if self.use_custom_scorer:
             return self.compute_score
         if data_source == TOY_DATA_SOURCE:
-            toy_scorer = _toy_scorer()
-            if toy_scorer is not None:
-                return toy_scorer
+            from verl.distill.toy.reward import compute_score as toy_compute_score
+
+            return toy_compute_score
         if self.compute_score is not None:
             return self.compute_score
         from verl.utils.reward_score import default_compute_score
