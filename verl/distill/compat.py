@@ -1,7 +1,7 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Five things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Six things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
@@ -15,6 +15,11 @@ engine registries, config ``_target_`` classes). Five things have no extension p
    accelerator: the offload policy is built unpinned;
 5. the v1 trainer waits for finished rollouts in hard-coded 2-second sleeps, longer than a whole
    step of a small model: it polls every ``VERL_DISTILL_ROLLOUT_POLL_S`` seconds (default 0.05).
+6. ``resume_mode=auto`` trusts the checkpoint tracker file, which verl rewrites in place: a run
+   killed mid-write leaves it empty and can never resume (``int("")``), and one killed after
+   retention deleted the tracked weights fails loading them. ``find_latest_ckpt_path`` is
+   replaced by one that falls back to the newest complete checkpoint
+   (:mod:`verl.distill.checkpoints`); it is bound before the trainers import the name.
 
 Each change is applied right after verl imports the module concerned (see
 :mod:`verl.distill.import_hooks`), only on the verl version it was written against, and checks
@@ -173,6 +178,21 @@ def _poll_rollouts_promptly(module: ModuleType) -> None:
     module.ReplayBuffer = PromptlyPolledReplayBuffer
 
 
+def _resume_from_complete_checkpoints(module: ModuleType) -> None:
+    require_supported_verl()
+    from verl.distill.checkpoints import TRACKER_NAME, find_latest_complete_checkpoint
+
+    _expect(
+        module.get_checkpoint_tracker_filename("") == TRACKER_NAME,
+        f"the checkpoint tracker is no longer named {TRACKER_NAME}",
+    )
+    _expect(
+        "int(f.read().decode())" in inspect.getsource(module.find_latest_ckpt_path),
+        "find_latest_ckpt_path no longer reads the step number from the tracker file",
+    )
+    module.find_latest_ckpt_path = find_latest_complete_checkpoint
+
+
 def _wrap_driver_hook(module: ModuleType) -> None:
     require_supported_verl()
     original_auto_set_device = module.auto_set_device
@@ -197,3 +217,4 @@ def install() -> None:
     when_imported("verl.workers.engine_workers", _adapt_engine_workers)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _adapt_fsdp_engine)
     when_imported("verl.trainer.ppo.v1.replay_buffer", _poll_rollouts_promptly)
+    when_imported("verl.utils.checkpoint.checkpoint_manager", _resume_from_complete_checkpoints)

@@ -1,10 +1,12 @@
 """Build (or reuse) the toy distillation assets: tokenizer, teacher, student and parquet files.
 
 One supervised run of a tiny Qwen2 model on the addition task gives both models: the TEACHER is
-its end (greedy validation accuracy >= ``min_teacher_accuracy``), the STUDENT is one of its early
-snapshots, taken before it learned the task (accuracy <= ``student_accuracy_fraction`` x the
-teacher's). Same architecture and tokenizer, so the student differs only in how long it was
-trained.
+its end (greedy validation accuracy >= ``min_teacher_accuracy``), the STUDENT is one of its
+snapshots from the middle of its learning transition (accuracy <= ``student_accuracy_fraction``
+x the teacher's). Same architecture and tokenizer, so the student differs only in how long it
+was trained; measured with ``verl.distill.toy.probe``, on-policy distillation brings such a
+student to 90% of the teacher in tens to a few hundred steps depending on the estimator, where a
+student from before the transition would first have to escape the plateau.
 
 Layout of ``<cache root>/toy-<hash>/`` (the hash covers FORMAT_VERSION, the seed and the spec)::
 
@@ -34,7 +36,7 @@ from verl.distill.toy.cache import build_once, default_cache_root
 from verl.distill.toy.generation import greedy_accuracy
 from verl.distill.toy.models import ModelSpec, count_parameters, new_model, save_model
 from verl.distill.toy.reward import DATA_SOURCE
-from verl.distill.toy.supervised import SupervisedSchedule, train_supervised
+from verl.distill.toy.supervised import SupervisedTrainer, TeacherSchedule
 from verl.distill.toy.task import prompt_ids, split_problems, supervised_batch, write_parquet
 from verl.distill.toy.tokenizer import build_tokenizer
 
@@ -49,7 +51,7 @@ RELATIVE_PATHS = {
     "train_files": "data/train.parquet",
     "val_files": "data/val.parquet",
 }
-# A student above half the teacher's accuracy is never chosen, whatever the teacher reaches.
+# Promised to users of the assets: the student starts at no more than half the teacher's accuracy.
 _STUDENT_ACCURACY_CEILING = 0.5
 
 
@@ -60,7 +62,8 @@ class ToySpec:
     val_size: validation prompts (the rest of the 8,100 operand pairs are training prompts).
     model: architecture of teacher and student.
     schedule: the supervised run whose end is the teacher.
-    snapshot_every: steps between the run's evaluated snapshots (student candidates).
+    snapshot_every: steps between the evaluated snapshots of the run's constant-lr phase
+        (student candidates, and the test for the end of the plateau).
     student_accuracy_fraction: the student is the last snapshot before the first one whose
         accuracy exceeds this fraction of the teacher's (the initial random model is snapshot 0).
     min_teacher_accuracy: the build fails when the teacher ends below it (0 disables the check,
@@ -69,7 +72,7 @@ class ToySpec:
 
     val_size: int = 512
     model: ModelSpec = field(default_factory=ModelSpec)
-    schedule: SupervisedSchedule = field(default_factory=SupervisedSchedule)
+    schedule: TeacherSchedule = field(default_factory=TeacherSchedule)
     snapshot_every: int = 10
     student_accuracy_fraction: float = 0.45
     min_teacher_accuracy: float = 0.9
@@ -217,24 +220,35 @@ def _build(staging: Path, final_dir: Path, spec: ToySpec, seed: int, report: Cal
         def accuracy(model) -> float:
             return greedy_accuracy(model, tokenizer, val, val_prompts)
 
+        schedule = spec.schedule
         snapshots = [_Snapshot(0, accuracy(teacher), _clone_state(teacher))]
 
-        def snapshot(step: int) -> None:
-            # Later snapshots cannot be chosen once one exceeds the ceiling: stop evaluating.
-            if step % spec.snapshot_every == 0 and snapshots[-1].accuracy <= _STUDENT_ACCURACY_CEILING:
-                snapshots.append(_Snapshot(step, accuracy(teacher), _clone_state(teacher)))
+        def snapshot_until_transition(step: int) -> bool:
+            if step % spec.snapshot_every:
+                return False
+            snapshots.append(_Snapshot(step, accuracy(teacher), _clone_state(teacher)))
+            return snapshots[-1].accuracy > schedule.transition_accuracy
 
+        trainer = SupervisedTrainer(teacher, input_ids, labels, schedule, torch.Generator().manual_seed(seed))
         train_started = time.monotonic()
-        train_supervised(teacher, input_ids, labels, spec.schedule, torch.Generator().manual_seed(seed), snapshot)
+        trainer.run(
+            schedule.max_constant_steps,
+            lambda index: schedule.lr * min(1.0, (index + 1) / schedule.warmup_steps),
+            stop=snapshot_until_transition,
+        )
+        constant_steps = trainer.steps_done
+        trainer.run(schedule.decay_steps, lambda index: schedule.lr * (1.0 - index / schedule.decay_steps))
         teacher_accuracy = accuracy(teacher)
         report(
-            f"teacher: {spec.schedule.steps} supervised steps in {time.monotonic() - train_started:.0f} s, "
-            f"{count_parameters(teacher):,} parameters, greedy val accuracy {teacher_accuracy:.3f}"
+            f"teacher: {constant_steps} constant-lr + {schedule.decay_steps} decay steps in "
+            f"{time.monotonic() - train_started:.0f} s, {count_parameters(teacher):,} parameters, "
+            f"greedy val accuracy {teacher_accuracy:.3f}"
         )
         if teacher_accuracy < spec.min_teacher_accuracy:
             raise RuntimeError(
                 f"the toy teacher reached greedy val accuracy {teacher_accuracy:.3f} < min_teacher_accuracy "
-                f"{spec.min_teacher_accuracy}; train longer (ToySpec.schedule.steps) or try another seed"
+                f"{spec.min_teacher_accuracy} after {trainer.steps_done} steps; raise "
+                "ToySpec.schedule.max_constant_steps or decay_steps, or try another seed"
             )
         chosen = _pick_student(snapshots, spec.student_accuracy_fraction * teacher_accuracy)
         student = copy.deepcopy(teacher)
@@ -256,6 +270,7 @@ def _build(staging: Path, final_dir: Path, spec: ToySpec, seed: int, report: Cal
         "teacher_accuracy": teacher_accuracy,
         "student_accuracy": chosen.accuracy,
         "student_snapshot_step": chosen.step,
+        "teacher_steps": trainer.steps_done,
         "sizes": {
             "vocab_size": len(tokenizer),
             "teacher_parameters": count_parameters(teacher),

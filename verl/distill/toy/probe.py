@@ -37,7 +37,8 @@ from verl.distill.toy.build import ToyAssets, build_toy_assets
 from verl.distill.toy.generation import generate, greedy_accuracy
 from verl.distill.toy.task import MAX_RESPONSE_TOKENS, Problem, prompt_ids
 
-# One token of slack so an answer that does not stop is seen as wrong, as in a verl rollout.
+# Slack past the longest correct answer: a response that does not stop is sampled on, as in a verl
+# rollout, and scored as wrong.
 _SAMPLED_RESPONSE_TOKENS = MAX_RESPONSE_TOKENS + 2
 
 # (student log-probs [b, t, V], teacher log-probs [b, t, V], sampled ids [b, t], clamp) -> per-token loss [b, t]

@@ -1,0 +1,433 @@
+"""Reliability on one machine: a run killed with SIGKILL resumes from its last complete checkpoint
+with the same data order; a checkpoint cut short is never resumed from; two runs at once keep their
+checkpoints, metrics and toy asset cache apart.
+
+The trainer runs start ``python -m verl.trainer.main_ppo`` in a session of their own, so every
+process of a run (driver, Ray's servers and workers) is found, and killed, by that session id
+without touching any other run on the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from test_toy_task import TINY_SPEC as TINY_TOY_SPEC  # a build of seconds: a second builder arrives mid-build
+from trainer_runs import TINY_RUN, TrainerRun
+
+from verl.distill.checkpoints import TRACKER_NAME, checkpoint_problem, find_latest_complete_checkpoint
+from verl.distill.toy.build import MANIFEST_NAME, cache_dir_name
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+SAVE_FREQ = 2
+DATA_SEED = 7
+RUN_TIMEOUT_S = 600
+
+# --- find_latest_complete_checkpoint on hand-made folders -------------------------------------
+
+
+def _write_step(root: Path, step: int, world_size: int = 1, data: bool = True) -> Path:
+    """A ``global_step_<step>`` folder laid out as verl's FSDP trainer writes it."""
+    folder = root / f"global_step_{step}"
+    actor = folder / "actor"
+    actor.mkdir(parents=True)
+    for rank in range(world_size):
+        for kind in ("model", "optim", "extra_state"):
+            torch.save({"step": step, "rank": rank}, actor / f"{kind}_world_size_{world_size}_rank_{rank}.pt")
+    (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world_size}))
+    if data:
+        torch.save({"step": step}, folder / "data.pt")
+    return folder
+
+
+def _cut_short(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _track(root: Path, text: str) -> None:
+    (root / TRACKER_NAME).write_text(text)
+
+
+def test_a_complete_tracked_checkpoint_is_taken_and_newer_folders_ignored(tmp_path, caplog):
+    _write_step(tmp_path, 2)
+    _write_step(tmp_path, 4)
+    _write_step(tmp_path, 6)  # saved, but the run died before the tracker moved on
+    _track(tmp_path, "4")
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "global_step_4")
+    assert caplog.records == []
+
+
+def test_an_empty_tracker_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
+    _write_step(tmp_path, 2)
+    _write_step(tmp_path, 4)
+    _cut_short(_write_step(tmp_path, 6) / "data.pt")
+    _track(tmp_path, "")  # killed between truncating the tracker and writing it
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "global_step_4")
+    assert "holds ''" in caplog.text and "global_step_6: data.pt missing or cut short" in caplog.text
+
+
+def test_a_tracker_naming_a_half_written_folder_falls_back_to_an_older_complete_one(tmp_path, caplog):
+    _write_step(tmp_path, 2)
+    shutil.rmtree(_write_step(tmp_path, 4) / "actor")  # retention deleted the weights the tracker names
+    _write_step(tmp_path, 6, data=False)
+    _track(tmp_path, "4")
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "global_step_2")
+    assert "names global_step_4, which is incomplete: no actor/ weights" in caplog.text
+    assert "global_step_6: newer than the tracker" in caplog.text
+
+
+def test_without_a_tracker_the_newest_complete_checkpoint_is_taken(tmp_path):
+    _write_step(tmp_path, 2)
+    _write_step(tmp_path, 10)
+    _cut_short(_write_step(tmp_path, 12) / "actor" / "model_world_size_1_rank_0.pt")
+    assert find_latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "global_step_10")
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        pytest.param(
+            lambda folder: (folder / "actor" / "optim_world_size_2_rank_1.pt").unlink(),
+            "lacks optim shards of ranks [1]",
+            id="a rank's optimizer shard missing",
+        ),
+        pytest.param(
+            lambda folder: (folder / "actor" / "model_world_size_2_rank_0.pt").unlink(),
+            "lacks model shards of ranks [0]",
+            id="a rank's model shard missing",
+        ),
+        pytest.param(
+            lambda folder: [file.unlink() for file in (folder / "actor").glob("model_*")],
+            "has no model shards",
+            id="model shards deleted",
+        ),
+        pytest.param(
+            lambda folder: _cut_short(folder / "actor" / "extra_state_world_size_2_rank_1.pt"),
+            "extra_state_world_size_2_rank_1.pt is cut short",
+            id="a shard cut short",
+        ),
+        pytest.param(lambda folder: (folder / "data.pt").unlink(), "data.pt missing or cut short", id="no data.pt"),
+    ],
+)
+def test_a_damaged_two_rank_checkpoint_is_incomplete(tmp_path, damage, problem):
+    folder = _write_step(tmp_path, 2, world_size=2)
+    assert checkpoint_problem(folder) is None
+    damage(folder)
+    assert problem in checkpoint_problem(folder)
+    _track(tmp_path, "2")
+    assert find_latest_complete_checkpoint(str(tmp_path)) is None
+
+
+def test_nothing_to_resume_from_means_training_from_scratch(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_complete_checkpoint(None) is None
+        assert find_latest_complete_checkpoint(str(tmp_path / "missing")) is None
+        assert find_latest_complete_checkpoint(str(tmp_path)) is None
+    assert caplog.records == []  # a fresh run is not a problem
+    _write_step(tmp_path, 2, data=False)
+    _track(tmp_path, "two")
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_complete_checkpoint(str(tmp_path)) is None
+    assert "holds 'two'" in caplog.text and "training from scratch" in caplog.text
+
+
+def test_the_trainers_resolve_checkpoints_with_the_fallback():
+    # verl's trainers bind find_latest_ckpt_path at import time: the replacement must come first.
+    check = textwrap.dedent(
+        """
+        import verl.trainer.ppo.ray_trainer as legacy_trainer
+        import verl.trainer.ppo.v1.trainer_base as trainer_base
+        from verl.distill.checkpoints import find_latest_complete_checkpoint
+        assert trainer_base.find_latest_ckpt_path is find_latest_complete_checkpoint
+        assert legacy_trainer.find_latest_ckpt_path is find_latest_complete_checkpoint
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --- trainer runs -----------------------------------------------------------------------------
+
+
+def _session_processes(session_id: int) -> list[int]:
+    """Live (not zombie) processes of a session."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, _parent, _group, session = stat[stat.rindex(")") + 2 :].split()[:4]
+        if int(session) == session_id and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _kill_session(session_id: int) -> None:
+    for pid in _session_processes(session_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class LaunchedRun:
+    """A ``main_ppo`` run started in its own session, writing everything under ``workdir``."""
+
+    workdir: Path
+    name: str
+    process: subprocess.Popen | None = None
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.workdir / f"metrics-{self.name}.jsonl"
+
+    @property
+    def rollout_dir(self) -> Path:
+        return self.workdir / f"rollouts-{self.name}"
+
+    def log(self, stream: str) -> Path:
+        return self.workdir / f"{stream}-{self.name}.log"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.workdir / "checkpoints"
+
+    def tracked_step(self) -> int | None:
+        try:
+            return int((self.checkpoints / TRACKER_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait(self, timeout: float = RUN_TIMEOUT_S) -> TrainerRun:
+        try:
+            returncode = self.process.wait(timeout=timeout)
+        finally:
+            _kill_session(self.process.pid)  # never leave a run behind, even on a failed assertion
+        metrics = []
+        if self.metrics_file.exists():
+            metrics = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        return TrainerRun(returncode, self.log("stdout").read_text(), self.log("stderr").read_text(), metrics)
+
+
+def _launch(workdir: Path, tiny_assets, *overrides: str, name: str = "run") -> LaunchedRun:
+    """Start a distillation run of STEPS steps saving every SAVE_FREQ steps; ``name`` keeps a resumed
+    run's metrics and rollout dumps apart from those of the run it resumes."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = LaunchedRun(workdir, name)
+    command = [
+        sys.executable,
+        "-m",
+        "verl.trainer.main_ppo",
+        "--config-name=distillation_trainer",
+        f"data.train_files={tiny_assets.train_files}",
+        f"data.val_files={tiny_assets.val_files}",
+        f"actor_rollout_ref.model.path={tiny_assets.student}",
+        f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
+        *TINY_RUN,
+        f"data.seed={DATA_SEED}",
+        f"trainer.total_training_steps={STEPS}",
+        f"trainer.save_freq={SAVE_FREQ}",
+        "trainer.logger=[console,file]",
+        f"trainer.default_local_dir={workdir / 'checkpoints'}",
+        f"trainer.rollout_data_dir={run.rollout_dir}",
+        f"hydra.run.dir={workdir / 'hydra'}",
+        *overrides,
+    ]
+    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(run.metrics_file), HYDRA_FULL_ERROR="0")
+    with open(run.log("stdout"), "w") as stdout, open(run.log("stderr"), "w") as stderr:
+        run.process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=stdout, stderr=stderr, start_new_session=True
+        )
+    return run
+
+
+def _dump_written(rollout_dir: Path, step: int) -> bool:
+    """verl writes a step's dump line by line in a thread: done once it has as many lines as step 1's."""
+    try:
+        text = (rollout_dir / f"{step}.jsonl").read_text()
+        expected = len((rollout_dir / "1.jsonl").read_text().splitlines())
+    except OSError:
+        return False
+    return text.endswith("\n") and len(text.splitlines()) == expected
+
+
+def _prompts_by_step(rollout_dir: Path) -> dict[int, list[str]]:
+    """The prompts of each step, from verl's ``{step}.jsonl`` rollout dumps (sorted: within a step
+    verl orders them by a random uid). A dump a kill cut short is left out."""
+    dumps = {int(dump.stem): dump.read_text() for dump in rollout_dir.glob("*.jsonl")}
+    return {
+        step: sorted(json.loads(line)["input"] for line in text.splitlines())
+        for step, text in dumps.items()
+        if text.endswith("\n")
+    }
+
+
+def _assert_complete_run(run: TrainerRun, launched: LaunchedRun, steps: range) -> None:
+    assert run.returncode == 0, run.explain()
+    assert run.steps() == list(steps)
+    assert launched.tracked_step() == STEPS
+    saved = sorted(int(folder.name.split("_")[-1]) for folder in launched.checkpoints.glob("global_step_*"))
+    assert saved == list(range(SAVE_FREQ, STEPS + 1, SAVE_FREQ))
+    for step in saved:
+        assert checkpoint_problem(launched.checkpoints / f"global_step_{step}") is None
+
+
+@pytest.fixture(scope="module")
+def two_runs_at_once(tiny_assets, tmp_path_factory):
+    """Two identical runs started together on this machine, in different folders: their start-ups
+    (Ray clusters, workers, model loading) overlap; their few seconds of training may not. The first
+    is also the uninterrupted reference of the kill test."""
+    root = tmp_path_factory.mktemp("two-runs")
+    launched = [_launch(root / name, tiny_assets) for name in ("first", "second")]
+    try:
+        return launched, [run.wait() for run in launched]
+    finally:
+        for run in launched:
+            _kill_session(run.process.pid)
+
+
+def test_two_runs_at_once_keep_their_checkpoints_and_metrics_apart(two_runs_at_once):
+    launched, runs = two_runs_at_once
+    for launch, run in zip(launched, runs, strict=True):
+        _assert_complete_run(run, launch, range(1, STEPS + 1))
+        assert sorted(_prompts_by_step(launch.rollout_dir)) == list(range(1, STEPS + 1))
+    # Same seed, same data order: what lets the first run serve as the kill test's reference.
+    assert _prompts_by_step(launched[0].rollout_dir) == _prompts_by_step(launched[1].rollout_dir)
+
+
+def test_sigkill_after_a_checkpoint_resumes_with_the_same_data_order(two_runs_at_once, tiny_assets, tmp_path):
+    reference = _prompts_by_step(two_runs_at_once[0][0].rollout_dir)
+    assert reference[1] != reference[1 + SAVE_FREQ], "restarting the data from scratch would go unnoticed"
+
+    killed = _launch(tmp_path, tiny_assets)
+    try:
+        # Kill once a checkpoint is committed and the next step has produced its rollouts.
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while True:
+            tracked = killed.tracked_step()
+            if tracked is not None and _dump_written(killed.rollout_dir, tracked + 1):
+                break
+            assert killed.process.poll() is None, killed.wait().explain()
+            assert time.monotonic() < deadline, "no checkpoint before the timeout"
+            time.sleep(0.05)
+        os.killpg(killed.process.pid, signal.SIGKILL)
+        killed.process.wait()
+        # Ray's workers lead process groups of their own; they must follow their raylet.
+        deadline = time.monotonic() + 30
+        while _session_processes(killed.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = _session_processes(killed.process.pid)
+        assert leftovers == [], f"processes of the killed run survived: {leftovers}"
+    finally:
+        _kill_session(killed.process.pid)
+
+    resumed_from = killed.tracked_step()
+    assert resumed_from is not None and resumed_from < STEPS, "the kill came too late to test a resume"
+    lost_step = resumed_from + 1
+    before_kill = _prompts_by_step(killed.rollout_dir)
+    assert all(before_kill[step] == reference[step] for step in before_kill)
+    # A later save cut short by a kill: weights half-written, no data.pt, tracker unchanged.
+    half_written = killed.checkpoints / f"global_step_{resumed_from + SAVE_FREQ}"
+    shutil.copytree(killed.checkpoints / f"global_step_{resumed_from}" / "actor", half_written / "actor")
+    _cut_short(half_written / "actor" / "model_world_size_1_rank_0.pt")
+
+    launched = _launch(tmp_path, tiny_assets, "trainer.resume_mode=auto", name="resumed")
+    resumed = launched.wait()
+    _assert_complete_run(resumed, launched, range(lost_step, STEPS + 1))
+    after_resume = _prompts_by_step(launched.rollout_dir)
+    assert sorted(after_resume) == list(range(lost_step, STEPS + 1))
+    assert all(after_resume[step] == reference[step] for step in after_resume)
+
+
+# --- the toy asset cache ----------------------------------------------------------------------
+
+_TOY_BUILDER = textwrap.dedent(
+    """
+    import json, pickle, sys, time
+    from pathlib import Path
+    from verl.distill.toy import build_toy_assets
+
+    cache_dir, spec_file, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    spec = pickle.loads(spec_file.read_bytes())
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.01)
+    lines = []
+    started = time.monotonic()
+    assets = build_toy_assets(cache_dir=cache_dir, spec=spec, progress=lines.append)
+    print(json.dumps({"root": str(assets.root), "lines": lines, "started": started, "ended": time.monotonic()}))
+    """
+)
+
+
+def test_two_processes_building_the_toy_cache_at_once_build_it_once(tmp_path):
+    cache = tmp_path / "cache"
+    final = cache / cache_dir_name(TINY_TOY_SPEC, 0)
+    # Leftovers of a builder killed earlier: its staging folder, and a final folder without manifest.
+    (cache / f".{final.name}.tmp-killed").mkdir(parents=True)
+    (final / "teacher").mkdir(parents=True)
+    (final / "teacher" / "half-written.safetensors").write_bytes(b"\0" * 64)
+    spec_file = tmp_path / "spec.pickle"
+    spec_file.write_bytes(pickle.dumps(TINY_TOY_SPEC))
+    script = tmp_path / "build_toy.py"
+    script.write_text(_TOY_BUILDER)
+    ready = [tmp_path / f"ready-{index}" for index in range(2)]
+    go = tmp_path / "go"
+    builders = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(cache), str(spec_file), str(flag), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flag in ready
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(flag.exists() for flag in ready):  # both imported: start the builds together
+            assert all(builder.poll() is None for builder in builders), "a builder died while importing"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        go.touch()
+        results = []
+        for builder in builders:
+            stdout, stderr = builder.communicate(timeout=300)
+            assert builder.returncode == 0, stderr[-3000:]
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for builder in builders:
+            builder.kill()
+
+    assert [Path(result["root"]) for result in results] == [final, final]
+    built = [result for result in results if not any(line.startswith("reusing") for line in result["lines"])]
+    assert len(built) == 1, [result["lines"] for result in results]
+    reused = next(result for result in results if result is not built[0])
+    assert reused["started"] < built[0]["ended"], "the second builder arrived after the build: nothing was tested"
+    manifest = json.loads((final / MANIFEST_NAME).read_text())
+    written = {str(file.relative_to(final)): file for file in final.rglob("*") if file.is_file()}
+    assert sorted(written) == sorted([*manifest["files"], MANIFEST_NAME])
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256(written[name].read_bytes()).hexdigest() == digest, name
+    assert sorted(entry.name for entry in cache.iterdir()) == [final.name, f"{final.name}.lock"]
