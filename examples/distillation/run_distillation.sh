@@ -22,6 +22,8 @@ if [[ $# -eq 0 ]]; then
     asset() { grep "^$1=" <<<"$toy_assets" | cut -d= -f2-; }
     OUTPUT_DIR=${OUTPUT_DIR:-outputs/toy-distillation}
     mkdir -p "$OUTPUT_DIR"
+    # verl's file logger writes <root>/<project>/<experiment>.jsonl: keep each run's metrics in its folder
+    export VERL_FILE_LOGGER_ROOT="$OUTPUT_DIR"
     # The toy teacher is confident (log-probs of -10 to -27 on wrong digits), where sampled-token
     # estimators barely move the student; the exact reverse KL over the whole (tiny) vocabulary
     # learns fast. See docs/algo/distillation.md.
@@ -62,6 +64,10 @@ DETECTED_GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 N_GPUS=${N_GPUS:-$(( DETECTED_GPUS > 0 ? DETECTED_GPUS : 1 ))}
 # vLLM needs a GPU; without one, verl-distill's transformers-based `hf` rollout runs on the CPU.
 ROLLOUT=${ROLLOUT:-$([[ $DETECTED_GPUS -gt 0 ]] && echo vllm || echo hf)}
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-qwen2.5-0.5b-from-7b-gsm8k}
+OUTPUT_DIR=${OUTPUT_DIR:-outputs/$EXPERIMENT_NAME}
+mkdir -p "$OUTPUT_DIR"
+export VERL_FILE_LOGGER_ROOT="$OUTPUT_DIR"
 
 exec "$PYTHON" -m verl.trainer.main_ppo --config-name=distillation_trainer \
     actor_rollout_ref.model.path="$STUDENT_MODEL" \
@@ -87,5 +93,7 @@ exec "$PYTHON" -m verl.trainer.main_ppo --config-name=distillation_trainer \
     trainer.test_freq=${TEST_FREQ:-20} \
     trainer.logger="${LOGGER:-[console,wandb]}" \
     trainer.project_name=${PROJECT_NAME:-verl-distill} \
-    trainer.experiment_name=${EXPERIMENT_NAME:-qwen2.5-0.5b-from-7b-gsm8k} \
+    trainer.experiment_name="$EXPERIMENT_NAME" \
+    trainer.default_local_dir="$OUTPUT_DIR/checkpoints" \
+    hydra.run.dir="$OUTPUT_DIR/hydra" \
     "$@"
