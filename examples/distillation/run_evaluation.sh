@@ -7,7 +7,7 @@
 #
 #   CHECKPOINTS    space-separated checkpoints: HF folders, …/global_step_N[/actor], or a run folder
 #                  (trainer.default_local_dir) holding global_step_N folders (default: the GSM8K
-#                  run of run_distillation.sh, checkpoints/verl-distill/qwen2.5-0.5b-from-7b-gsm8k)
+#                  run of run_distillation.sh, outputs/qwen2.5-0.5b-from-7b-gsm8k/checkpoints)
 #   DATA           parquet file in verl's RLHF layout (default: ~/data/gsm8k/test.parquet)
 #   TEACHER        teacher model folder; empty skips the KL columns (default: empty)
 #   OUTPUT_DIR     where results.json, results.md and results.png go (default: eval_results)
@@ -15,7 +15,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-CHECKPOINTS="${CHECKPOINTS:-checkpoints/verl-distill/qwen2.5-0.5b-from-7b-gsm8k}"
+CHECKPOINTS="${CHECKPOINTS:-outputs/qwen2.5-0.5b-from-7b-gsm8k/checkpoints}"
 DATA="${DATA:-$HOME/data/gsm8k/test.parquet}"
 TEACHER="${TEACHER:-}"
 OUTPUT_DIR="${OUTPUT_DIR:-eval_results}"
