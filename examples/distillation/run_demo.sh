@@ -9,6 +9,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python3}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/toy-distillation}
 export OUTPUT_DIR
+mkdir -p "$OUTPUT_DIR"
 
 echo "== 1/3 toy task: tokenizer, teacher, student, data (cached after the first build)"
 toy_assets=$("$PYTHON" -m verl.distill.toy build)
