@@ -443,6 +443,9 @@ def test_loss_config_documents_every_option_with_its_default():
         "topk",
         "jsd_beta",
         "teacher_log_prob_floor",
+        "rl_coef",
+        "distillation_coef",
+        "rl_policy_loss",
     }
     for option in options:
         assert option.metadata["help"].startswith(f"Default {option.default}."), option.name
