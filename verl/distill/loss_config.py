@@ -107,7 +107,7 @@ class DistillLossConfig(BaseConfig):
         default="vanilla",
         metadata={
             "help": (
-                "Default vanilla (PPO-clip). Used by loss_mode=hybrid only: the name, in verl's policy-loss "
+                "Default vanilla. The PPO-clip loss. Used by loss_mode=hybrid only: the name, in verl's policy-loss "
                 "registry (vanilla, gspo, sapo, gpg, clip_cov, kl_cov, geo_mean, cispo, ...), of the "
                 "policy-gradient term. It plays the part of actor.policy_loss.loss_mode in a plain RL run, "
                 "which holds 'hybrid' here; the chosen loss still reads its own options from "
