@@ -18,11 +18,11 @@ verl's ``ppo_loss`` with ``use_kl_loss = false``.
 import torch
 from tensordict import TensorDict
 
-from verl.distill.divergences import check_sampled_kl_estimator, sampled_token_kl
+from verl.distill.divergences import check_sampled_kl_estimator
 from verl.distill.loss_config import CONFIG_KEY, DistillLossConfig
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss
 from verl.utils.metric import AggregationType, Metric
-from verl.workers.roles.utils.losses import global_batch_info_for, loss_metric_aggregation
+from verl.workers.roles.utils.losses import global_batch_info_for, loss_metric_aggregation, sampled_kl_to_teacher
 from verl.workers.utils.padding import no_padding_2_padding
 
 
@@ -80,15 +80,8 @@ def hybrid_loss(config, model_output, data: TensorDict, dp_group=None):
         rollout_is_weights=padded.get("rollout_is_weights", None),
     )
 
-    # Outside the response mask the teacher equals the student: zero KL and zero gradient there,
-    # whatever the slot holds (0, -inf, NaN).
-    teacher_log_prob = torch.where(response_mask, padded["ref_log_prob"].float(), student_log_prob.detach().float())
-    per_token_kl = sampled_token_kl(
-        student_log_prob,
-        teacher_log_prob,
-        config.kl_loss_type,
-        log_ratio_clamp=options.log_ratio_clamp,
-        teacher_log_prob_floor=options.teacher_log_prob_floor,
+    teacher_log_prob, per_token_kl = sampled_kl_to_teacher(
+        config, options, student_log_prob, padded["ref_log_prob"], response_mask
     )
     kl_loss = agg_loss(
         loss_mat=per_token_kl, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode, **global_batch_info

@@ -37,6 +37,23 @@ def loss_metric_aggregation(global_batch_info: dict) -> AggregationType:
     return AggregationType.SUM if normalized_globally else AggregationType.MEAN
 
 
+def sampled_kl_to_teacher(config, options: DistillLossConfig, student_log_prob, teacher_slot, response_mask):
+    """(teacher log-probs, per-token ``actor.kl_loss_type`` KL) on the response tokens.
+
+    Outside the response mask the teacher is set equal to the student: whatever the slot holds
+    there (0, -inf, NaN) yields a zero KL and a zero gradient.
+    """
+    teacher_log_prob = torch.where(response_mask, teacher_slot.float(), student_log_prob.detach().float())
+    per_token_kl = sampled_token_kl(
+        student_log_prob,
+        teacher_log_prob,
+        config.kl_loss_type,
+        log_ratio_clamp=options.log_ratio_clamp,
+        teacher_log_prob_floor=options.teacher_log_prob_floor,
+    )
+    return teacher_log_prob, per_token_kl
+
+
 def distillation_loss(config, model_output, data: TensorDict, dp_group=None):
     """KL(student || teacher) on the student's sampled response tokens, times ``actor.kl_loss_coef``.
 
@@ -75,16 +92,8 @@ def distillation_loss(config, model_output, data: TensorDict, dp_group=None):
 
     padded = data.select("response_mask", "ref_log_prob").to_padded_tensor()
     response_mask = padded["response_mask"].to(bool)
-    # Outside the response mask the teacher is set equal to the student: whatever the slot holds
-    # there (0, -inf, NaN) yields a zero KL and a zero gradient.
-    teacher_log_prob = torch.where(response_mask, padded["ref_log_prob"].float(), student_log_prob.detach())
-
-    per_token_kl = sampled_token_kl(
-        student_log_prob,
-        teacher_log_prob,
-        config.kl_loss_type,
-        log_ratio_clamp=options.log_ratio_clamp,
-        teacher_log_prob_floor=options.teacher_log_prob_floor,
+    teacher_log_prob, per_token_kl = sampled_kl_to_teacher(
+        config, options, student_log_prob, padded["ref_log_prob"], response_mask
     )
     kl_loss = agg_loss(
         loss_mat=per_token_kl, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode, **global_batch_info
