@@ -1,8 +1,6 @@
 """Every loss mode runs 5 training steps on a CPU through ``python -m verl.trainer.main_ppo``, teacher in the ref slot.
 
 One run per mode (start-up dominates a run's cost), each checked on what it logged at every step.
-PPO (GAE with a critic) is not run here: on a CPU verl 0.9.1's value-model loader
-(``verl.utils.model.load_valuehead_model``) forces flash_attention_2 and fails before training.
 """
 
 import math
@@ -89,3 +87,22 @@ def test_hybrid_grpo_logs_the_task_and_the_distillation_terms_separately(tiny_as
     # the naive reward manager scored the samples and GRPO turned the scores into non-zero advantages
     assert any(value > 0 for value in every_step(run, "critic/score/max"))
     assert any(value > 0 for value in every_step(run, "critic/advantages/max"))
+
+
+def test_hybrid_ppo_with_a_critic_logs_both_terms_and_the_value_loss(tiny_assets, tmp_path):
+    scorer = tmp_path / "digit_fraction.py"
+    scorer.write_text(DIGIT_FRACTION_SCORER)
+    run = train(
+        tiny_assets,
+        tmp_path,
+        "distillation_hybrid_trainer",
+        f"reward.custom_reward_function.path={scorer}",
+        "algorithm.adv_estimator=gae",
+        "actor_rollout_ref.rollout.n=1",
+        "critic.enable=true",
+        f"critic.model.path={tiny_assets.student}",
+        "critic.ppo_micro_batch_size_per_gpu=4",
+    )
+    assert all(value > 0 for value in every_step(run, "actor/kl_loss"))
+    every_step(run, "actor/pg_loss")
+    every_step(run, "critic/vf_loss")

@@ -1,7 +1,7 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Six things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Seven things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
@@ -19,7 +19,9 @@ engine registries, config ``_target_`` classes). Six things have no extension po
    killed mid-write leaves it empty and can never resume (``int("")``), and one killed after
    retention deleted the tracked weights fails loading them. ``find_latest_ckpt_path`` is
    replaced by one that falls back to the newest complete checkpoint
-   (:mod:`verl.distill.checkpoints`); it is bound before the trainers import the name.
+   (:mod:`verl.distill.checkpoints`); it is bound before the trainers import the name;
+7. on a CPU, the critic's value model is loaded with flash-attention hard-coded (ignoring
+   ``override_config``): it is loaded with sdpa.
 
 Each change is applied right after verl imports the module concerned (see
 :mod:`verl.distill.import_hooks`), only on the verl version it was written against, and checks
@@ -193,6 +195,33 @@ def _resume_from_complete_checkpoints(module: ModuleType) -> None:
     module.find_latest_ckpt_path = find_latest_complete_checkpoint
 
 
+def _value_models_without_flash_attention(module: ModuleType) -> None:
+    require_supported_verl()
+    from verl.distill.cpu_platform import cpu_platform_active
+
+    if not cpu_platform_active():
+        return
+    flash_loader = module.load_valuehead_model
+    _expect(
+        inspect.getsource(flash_loader).count('attn_implementation="flash_attention_2"') == 2,
+        "load_valuehead_model no longer hard-codes flash_attention_2",
+    )
+
+    @functools.wraps(flash_loader)
+    def load_valuehead_model(local_path, torch_dtype, model_config, trust_remote_code):
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification.from_pretrained(
+            pretrained_model_name_or_path=local_path,
+            torch_dtype=torch_dtype,
+            config=model_config,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
+        )
+
+    module.load_valuehead_model = load_valuehead_model
+
+
 def _wrap_driver_hook(module: ModuleType) -> None:
     require_supported_verl()
     original_auto_set_device = module.auto_set_device
@@ -217,4 +246,5 @@ def install() -> None:
     when_imported("verl.workers.engine_workers", _adapt_engine_workers)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _adapt_fsdp_engine)
     when_imported("verl.trainer.ppo.v1.replay_buffer", _poll_rollouts_promptly)
+    when_imported("verl.utils.model", _value_models_without_flash_attention)
     when_imported("verl.utils.checkpoint.checkpoint_manager", _resume_from_complete_checkpoints)
