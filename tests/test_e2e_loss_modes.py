@@ -54,14 +54,32 @@ def test_policy_gradient_opd_logs_pg_loss_and_the_reward_kl_penalty_only(tiny_as
     assert not run.series("actor/kl_loss")
 
 
-@pytest.mark.parametrize("loss_mode", ["forward_kl_topk", "reverse_kl_topk", "jsd_topk"])
-def test_distribution_loss_logs_a_positive_divergence_and_no_policy_gradient(tiny_assets, tmp_path, loss_mode):
+# k = 32 of the tiny tokenizer's 47 tokens leaves a tail bucket; a k beyond the tokenizer is capped at
+# it: the whole vocabulary, an empty tail and the exact divergence.
+WHOLE_VOCABULARY = 100_000
+
+
+@pytest.mark.parametrize(
+    "loss_mode, topk", [("forward_kl_topk", 32), ("reverse_kl_topk", 32), ("jsd_topk", WHOLE_VOCABULARY)]
+)
+def test_distribution_loss_logs_a_positive_divergence_and_no_policy_gradient(tiny_assets, tmp_path, loss_mode, topk):
     run = train(
-        tiny_assets, tmp_path, "distillation_trainer", f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}"
+        tiny_assets,
+        tmp_path,
+        "distillation_trainer",
+        f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
+        f"actor_rollout_ref.actor.distill.topk={topk}",
     )
     assert all(value > 0 for value in every_step(run, "actor/kl_loss"))  # two different random models
     assert every_step(run, "actor/distillation_mode") == [1.0] * STEPS
     assert every_step(run, "actor/pg_loss") == [0.0] * STEPS
+    # the teacher's top-k came from the reference pass with the batch: the share of sampled tokens it
+    # holds is a fraction, and all of them when it is the whole vocabulary
+    coverage = every_step(run, "actor/teacher_topk_coverage")
+    if topk == WHOLE_VOCABULARY:
+        assert coverage == [1.0] * STEPS
+    else:
+        assert all(0 < value <= 1 for value in coverage)
 
 
 def test_hybrid_grpo_logs_the_task_and_the_distillation_terms_separately(tiny_assets, tmp_path):

@@ -1,11 +1,12 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Seven things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Eight things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
-   distribution-level losses ``init_model`` then hands the teacher engine to the actor's loss;
+   distribution-level losses ``init_model`` then has the actor's engine hand the student's logits
+   to that loss (verl's ``distillation_use_topk`` logits-processor path);
 2. the driver has no hook between composing the config and starting Ray: ``auto_set_device``
    (called first by ``main_ppo.main``) is wrapped to adapt the config to a CPU machine and to
    validate distillation settings while a mistake still costs nothing;
@@ -21,7 +22,12 @@ engine registries, config ``_target_`` classes). Seven things have no extension 
    replaced by one that falls back to the newest complete checkpoint
    (:mod:`verl.distill.checkpoints`); it is bound before the trainers import the name;
 7. on a CPU, the critic's value model is loaded with flash-attention hard-coded (ignoring
-   ``override_config``): it is loaded with sdpa.
+   ``override_config``): it is loaded with sdpa;
+8. the reference pass returns only the teacher's log-prob of each sampled token, but the
+   distribution-level losses need its top-k distribution: for those losses ``init_model`` wraps
+   the reference engine's ``prepare_model_outputs`` (on that instance) to add the teacher's top-k
+   ids, log-probs and tail log-prob at every response position to its output, which verl's worker
+   returns and TransferQueue carries to the actor update (:mod:`verl.distill.teacher_topk`).
 
 Each change is applied right after verl imports the module concerned (see
 :mod:`verl.distill.import_hooks`), only on the verl version it was written against, and checks
@@ -64,7 +70,7 @@ def route_actor_loss(config, model_output=None, data=None, dp_group=None, **dist
 
     verl's own policy losses (``vanilla``, ``gspo``, ...) resolve to verl's ``ppo_loss``, so a stock
     configuration trains exactly as before. Distribution-level losses are also called by the engine
-    as its logits processor, with ``student_logits`` and the ``teacher_engine`` bound at init.
+    as its logits processor, with ``student_logits``.
     """
     from verl.workers.roles.utils.loss_registry import get_loss_fn
 
@@ -74,18 +80,31 @@ def route_actor_loss(config, model_output=None, data=None, dp_group=None, **dist
     return loss_fn(config=config, model_output=model_output, data=data, dp_group=dp_group)
 
 
-def _give_actor_the_teacher(worker) -> None:
-    """For distribution-level losses: bind the teacher engine to the actor's loss and ask the engine
-    for the student's logits (verl's ``distillation_use_topk`` logits-processor path)."""
+def _distribution_loss_options(worker):
+    """The ``distill`` options when the actor trains with a distribution-level loss, else None."""
+    from verl.distill.loss_config import DistillLossConfig
+    from verl.utils.config import omega_conf_to_dataclass
     from verl.workers.roles.utils.loss_registry import needs_teacher_logits
 
-    if "actor" not in worker.role or getattr(worker, "ref", None) is None:
-        return
-    actor_config = worker.loss_fn.keywords["config"]
-    if not needs_teacher_logits(actor_config.policy_loss.get("loss_mode", "vanilla")):
-        return
-    worker.loss_fn = functools.partial(route_actor_loss, config=actor_config, teacher_engine=worker.ref.engine)
-    worker.actor.set_loss_fn(worker.loss_fn)
+    actor = worker.config.actor
+    if not needs_teacher_logits(actor.policy_loss.get("loss_mode", "vanilla")):
+        return None
+    return omega_conf_to_dataclass(actor.get("distill") or {}, dataclass_type=DistillLossConfig)
+
+
+def _single_sequence_shard(engine, role: str) -> None:
+    _expect(hasattr(engine, "use_ulysses_sp"), "the FSDP engine no longer has use_ulysses_sp")
+    if engine.use_ulysses_sp:
+        raise ValueError(
+            f"actor_rollout_ref.{role}.ulysses_sequence_parallel_size > 1 is not supported by the "
+            "distribution-level losses (each rank would hold part of a sequence's logits); set it to 1"
+        )
+
+
+def _ask_actor_for_student_logits(worker) -> None:
+    """Have the actor's engine call the loss as its logits processor (verl's ``distillation_use_topk``
+    path), where the student's logits meet the teacher's top-k carried in the micro-batch."""
+    _single_sequence_shard(worker.actor.engine, "actor")
     train_mini_batch = worker.actor.train_mini_batch
 
     @functools.wraps(train_mini_batch)
@@ -96,6 +115,46 @@ def _give_actor_the_teacher(worker) -> None:
         return train_mini_batch(data=data)
 
     worker.actor.train_mini_batch = train_with_student_logits
+
+
+_REF_OUTPUT_PARAMETERS = ["output", "output_args", "micro_batch", "logits_processor_func"]
+
+
+def _make_reference_pass_carry_teacher_topk(worker, options) -> None:
+    """Wrap the reference engine's ``prepare_model_outputs`` so that the reference pass also returns
+    the teacher's top-k at every response position (:mod:`verl.distill.teacher_topk`)."""
+    from verl.distill.teacher_topk import carrying_teacher_topk
+    from verl.workers.engine.utils import postprocess_batch_func
+
+    engine = worker.ref.engine
+    _single_sequence_shard(engine, "ref")
+    _expect(
+        list(inspect.signature(engine.prepare_model_outputs).parameters) == _REF_OUTPUT_PARAMETERS,
+        "the FSDP engine's prepare_model_outputs no longer takes (output, output_args, micro_batch, "
+        "logits_processor_func)",
+    )
+    forward_step_source = inspect.getsource(type(engine).forward_step)
+    _expect(
+        "self.prepare_model_outputs(" in forward_step_source
+        and '"model_output": detach_tree(model_output)' in forward_step_source,
+        "the FSDP engine's forward_step no longer returns what prepare_model_outputs built as its model_output",
+    )
+    _expect(
+        'for key, val in o["model_output"].items()' in inspect.getsource(postprocess_batch_func),
+        "postprocess_batch_func no longer returns every model_output field",
+    )
+    tokenizer_size = len(engine.model_config.tokenizer)
+    engine.prepare_model_outputs = carrying_teacher_topk(engine.prepare_model_outputs, options, tokenizer_size)
+
+
+def _prepare_distribution_losses(worker) -> None:
+    options = _distribution_loss_options(worker)
+    if options is None:
+        return
+    if getattr(worker, "ref", None) is not None:
+        _make_reference_pass_carry_teacher_topk(worker, options)
+    if getattr(worker, "actor", None) is not None:
+        _ask_actor_for_student_logits(worker)
 
 
 def _adapt_engine_workers(module: ModuleType) -> None:
@@ -121,7 +180,7 @@ def _adapt_engine_workers(module: ModuleType) -> None:
     def init_model(self):
         original_init_model(self)
         check_ref_holds_teacher(self)
-        _give_actor_the_teacher(self)
+        _prepare_distribution_losses(self)
 
     module.ActorRolloutRefWorker.init_model = init_model
 

@@ -10,62 +10,82 @@ value is a true divergence between (k+1)-category distributions (see :mod:`verl.
 With ``distill.topk`` at least the tokenizer's size the loss is the exact full-vocabulary divergence.
 Both distributions are ``softmax(logits / (T_rollout · distill.temperature))``.
 
-Where the teacher's distribution comes from: the teacher sits in the reference slot of the same
-worker process as the student, so its logits are computed next to the student's, on the same packed
-micro-batch, during the update (no gradient). No vocabulary-sized tensor, and no top-k either,
-crosses Ray; the price is a second teacher forward per update (the reference pass still computes
-the teacher's sampled-token log-probs for the metrics).
+Where the teacher's distribution comes from: verl's reference pass runs the teacher (in the
+reference slot) anyway; there its top-k ids, log-probs and tail log-prob are computed for every
+response position and carried in the batch (:mod:`verl.distill.teacher_topk`, 8k + 4 bytes per
+response token). The update reads them from its micro-batch: no second teacher forward, and no
+vocabulary-sized tensor crosses Ray.
 
 A loss here is called twice per micro-batch by verl's engine: first as its logits processor
-(``student_logits=…``), returning the per-position divergence, then as the loss
-(``model_output=…``), aggregating it over response tokens of the global batch.
+(``student_logits=…``), returning per-position values, then as the loss (``model_output=…``),
+aggregating them over response tokens of the global batch.
 """
 
 import torch
 from tensordict import TensorDict
 
-from verl.distill.divergences import forward_kl_topk, jsd_topk, reverse_kl_topk, teacher_topk
+from verl.distill.divergences import forward_kl_topk, jsd_topk, reverse_kl_topk
 from verl.distill.loss_config import DistillLossConfig
+from verl.distill.teacher_topk import (
+    CARRIED_FIELDS,
+    TAIL_LOG_PROB_KEY,
+    TOPK_IDS_KEY,
+    TOPK_LOG_PROBS_KEY,
+    packed_response_rows,
+)
 from verl.trainer.ppo.core_algos import agg_loss
-from verl.utils import tensordict_utils as tu
 from verl.utils.metric import Metric
 from verl.workers.roles.utils.losses import global_batch_info_for, loss_metric_aggregation
 from verl.workers.utils.padding import no_padding_2_padding
 
 TOKEN_DIVERGENCE_KEY = "distill_token_divergence"
+TOPK_COVERAGE_KEY = "distill_sampled_token_in_teacher_topk"
 
 
-def _teacher_logits(teacher_engine, micro_batch: TensorDict) -> torch.Tensor:
-    """The teacher's temperature-scaled logits on the student's packed tokens, shape [nnz, V_teacher]."""
-    model_inputs, output_args = teacher_engine.prepare_model_inputs(micro_batch=micro_batch)
-    with torch.no_grad():
-        logits = teacher_engine.module(**model_inputs, use_cache=False).logits
-    if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
-        return logits.squeeze(0).float() / output_args["temperature_rmpad"].squeeze(0).unsqueeze(-1)
-    # padded layout: keep each sequence's real tokens, in the order the engine packs the student's
-    lengths = micro_batch["input_ids"].offsets().diff().tolist()
-    temperature = output_args["temperature"].float()
-    rows = [logits[i, :length].float() / temperature[i] for i, length in enumerate(lengths)]
-    return torch.cat(rows)
+def _carried_teacher_topk(name: str, data: TensorDict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    missing = [key for key in CARRIED_FIELDS if key not in data.keys()]
+    if missing:
+        raise RuntimeError(
+            f"{name} reads the teacher's top-k computed in the reference pass, but the micro-batch has no "
+            f"{', '.join(missing)}: keep actor_rollout_ref.actor.use_kl_loss=true (it builds the reference "
+            "worker) and the teacher in actor_rollout_ref.ref.model.path"
+        )
+    return tuple(data[key].values() for key in (TOPK_IDS_KEY, TOPK_LOG_PROBS_KEY, TAIL_LOG_PROB_KEY))
 
 
-def _per_position_divergence(name: str, config, student_logits, teacher_logits) -> torch.Tensor:
+def _per_position_outputs(name: str, config, student_logits: torch.Tensor, data: TensorDict) -> dict:
+    """The divergence at every response row of the packed micro-batch (0 on prompt rows), and whether
+    the sampled token is among the teacher's top-k there."""
     options: DistillLossConfig = getattr(config, "distill", None) or DistillLossConfig()
-    valid_vocab = min(len(config.model_config.tokenizer), student_logits.shape[-1], teacher_logits.shape[-1])
-    top = teacher_topk(
-        teacher_logits, k=min(options.topk, valid_vocab), temperature=options.temperature, valid_vocab_size=valid_vocab
-    )
+    ids, log_probs, tail_log_prob = _carried_teacher_topk(name, data)
+    input_ids = data["input_ids"]
+    rows = packed_response_rows(input_ids, data["response_mask"]).to(student_logits.device)
+    valid_vocab = min(len(config.model_config.tokenizer), student_logits.shape[-1])
+    if ids.numel() and int(ids.max()) >= valid_vocab:
+        raise RuntimeError(
+            f"{name}: the teacher's top-k holds token id {int(ids.max())}, beyond the student's {valid_vocab} "
+            "vocabulary rows: student and teacher must share the tokenizer (actor_rollout_ref.model.path, "
+            "actor_rollout_ref.ref.model.path)"
+        )
+    student = student_logits[rows, :valid_vocab]
     common = dict(
-        teacher_tail_log_prob=top.tail_log_prob,
+        teacher_tail_log_prob=tail_log_prob,
         temperature=options.temperature,
         teacher_log_prob_floor=options.teacher_log_prob_floor,
     )
-    student = student_logits[..., :valid_vocab]
     if name == "forward_kl_topk":
-        return forward_kl_topk(student, top.ids, top.log_probs, **common)
-    if name == "reverse_kl_topk":
-        return reverse_kl_topk(student, top.ids, top.log_probs, **common)
-    return jsd_topk(student, top.ids, top.log_probs, beta=options.jsd_beta, **common)
+        divergence = forward_kl_topk(student, ids, log_probs, **common)
+    elif name == "reverse_kl_topk":
+        divergence = reverse_kl_topk(student, ids, log_probs, **common)
+    else:
+        divergence = jsd_topk(student, ids, log_probs, beta=options.jsd_beta, **common)
+    sampled_tokens = input_ids.values()[rows + 1]
+    in_topk = (ids == sampled_tokens.unsqueeze(-1)).any(dim=-1)
+    packed_rows = student_logits.shape[0]
+    return {
+        TOKEN_DIVERGENCE_KEY: divergence.new_zeros(packed_rows).index_copy(0, rows, divergence),
+        TOPK_COVERAGE_KEY: divergence.new_zeros(packed_rows).index_copy(0, rows, in_topk.float()),
+    }
 
 
 def _aggregate(name: str, config, model_output, data: TensorDict):
@@ -82,6 +102,7 @@ def _aggregate(name: str, config, model_output, data: TensorDict):
 
     metrics = {
         "kl_loss": Metric(value=divergence_loss, aggregation=aggregation),
+        "teacher_topk_coverage": token_mean(no_padding_2_padding(model_output[TOPK_COVERAGE_KEY], data)),
         "kl_coef": config.kl_loss_coef,
         "pg_loss": 0.0,
         "distillation_mode": 1.0,
@@ -93,18 +114,10 @@ def _aggregate(name: str, config, model_output, data: TensorDict):
 
 
 def _distribution_loss(name: str):
-    def loss_fn(
-        config, model_output=None, data: TensorDict = None, dp_group=None, *, student_logits=None, teacher_engine=None
-    ):
+    def loss_fn(config, model_output=None, data: TensorDict = None, dp_group=None, *, student_logits=None):
         if student_logits is not None:
-            if teacher_engine is None:
-                raise RuntimeError(
-                    f"{name} needs the teacher's logits in the actor update, but the actor has no teacher engine: "
-                    "set actor_rollout_ref.ref.model.path and keep the ref colocated with the actor"
-                )
-            teacher_logits = _teacher_logits(teacher_engine, data)
-            divergence = _per_position_divergence(name, config, student_logits.squeeze(0), teacher_logits)
-            return {TOKEN_DIVERGENCE_KEY: divergence.unsqueeze(0)}
+            outputs = _per_position_outputs(name, config, student_logits.squeeze(0), data)
+            return {key: values.unsqueeze(0) for key, values in outputs.items()}
         return _aggregate(name, config, model_output, data)
 
     loss_fn.__name__ = loss_fn.__qualname__ = f"{name}_loss"
