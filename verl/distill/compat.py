@@ -1,7 +1,7 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Eight things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Nine things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
@@ -27,7 +27,11 @@ engine registries, config ``_target_`` classes). Eight things have no extension 
    distribution-level losses need its top-k distribution: for those losses ``init_model`` wraps
    the reference engine's ``prepare_model_outputs`` (on that instance) to add the teacher's top-k
    ids, log-probs and tail log-prob at every response position to its output, which verl's worker
-   returns and TransferQueue carries to the actor update (:mod:`verl.distill.teacher_topk`).
+   returns and TransferQueue carries to the actor update (:mod:`verl.distill.teacher_topk`);
+9. verl's ``file`` tracking backend opens its metrics file with ``"wb"``, so a run resumed with the
+   same project and experiment name erased the metrics of every step before the resume: the file
+   is opened for appending, and a resumed run's lines follow the earlier ones (after a kill, the
+   steps re-run since the last checkpoint appear twice; the later line is the one that counts).
 
 Each change is applied right after verl imports the module concerned (see
 :mod:`verl.distill.import_hooks`), only on the verl version it was written against, and checks
@@ -298,6 +302,36 @@ def _wrap_driver_hook(module: ModuleType) -> None:
     module.auto_set_device = auto_set_device
 
 
+def _append_file_metrics(module: ModuleType) -> None:
+    require_supported_verl()
+    import os
+
+    stock_logger = module.FileLogger
+    stock_init = inspect.getsource(stock_logger.__init__)
+    _expect(
+        'open(self.filepath, "wb", buffering=0)' in stock_init
+        and '"VERL_FILE_LOGGER_PATH"' in stock_init
+        and '"VERL_FILE_LOGGER_ROOT"' in stock_init,
+        "FileLogger no longer opens <VERL_FILE_LOGGER_PATH or VERL_FILE_LOGGER_ROOT/project/experiment.jsonl> with 'wb'",
+    )
+
+    class AppendingFileLogger(stock_logger):
+        """verl's file logger, same path rules, but a resumed run adds to its metrics file."""
+
+        def __init__(self, project_name: str, experiment_name: str):
+            self.project_name = project_name
+            self.experiment_name = experiment_name
+            self.filepath = os.getenv("VERL_FILE_LOGGER_PATH") or os.path.join(
+                os.path.expanduser(os.getenv("VERL_FILE_LOGGER_ROOT", ".")), project_name, f"{experiment_name}.jsonl"
+            )
+            os.makedirs(os.path.dirname(os.path.abspath(self.filepath)), exist_ok=True)
+            print(f"Creating file logger at {os.path.abspath(self.filepath)} (appending)")
+            self.fp = open(self.filepath, "ab", buffering=0)
+
+    AppendingFileLogger.__name__ = AppendingFileLogger.__qualname__ = stock_logger.__name__
+    module.FileLogger = AppendingFileLogger
+
+
 def install() -> None:
     """Register every run-time adaptation; each applies when verl imports the module concerned."""
     require_supported_verl()
@@ -307,3 +341,4 @@ def install() -> None:
     when_imported("verl.trainer.ppo.v1.replay_buffer", _poll_rollouts_promptly)
     when_imported("verl.utils.model", _value_models_without_flash_attention)
     when_imported("verl.utils.checkpoint.checkpoint_manager", _resume_from_complete_checkpoints)
+    when_imported("verl.utils.tracking", _append_file_metrics)
