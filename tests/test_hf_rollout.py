@@ -1,4 +1,4 @@
-"""The ``hf`` rollout backend: sampled tokens, their log-probs, stopping, and weight sync.
+"""The ``hf`` rollout backend: sampled tokens, their log-probs, stopping, batching and weight sync.
 
 A tiny random Qwen2 (vocab 64) and a word-level tokenizer are built in a temporary directory;
 log-probs are checked against a direct transformers forward pass over prompt + response.
@@ -6,6 +6,7 @@ log-probs are checked against a direct transformers forward pass over prompt + r
 
 import asyncio
 import math
+import threading
 
 import pytest
 import ray
@@ -16,8 +17,11 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from verl.distill import hf_rollout
 from verl.distill.hf_rollout import (
+    Decoded,
     HFReplica,
+    HFRolloutServer,
     HFServerAdapter,
     SamplingSettings,
     decode,
@@ -26,12 +30,15 @@ from verl.distill.hf_rollout import (
     resolve_sampling,
     sampling_log_probs,
 )
+from verl.distill.request_batching import RequestAborted, RequestBatcher
 from verl.workers.config import HFModelConfig, RolloutConfig
 
 VOCAB = 64
 EOS_ID = 1
 EOS_TOKEN = "<eos>"
 PROMPT = [5, 17, 42, 8, 30, 2]
+# prompts of different lengths, for left-padded batches
+PROMPTS = [PROMPT, [9, 3], [7, 7, 11, 12, 13, 14, 15, 16, 50], [44]]
 
 
 def tiny_qwen2(seed: int, tie_word_embeddings: bool = False) -> Qwen2ForCausalLM:
@@ -99,12 +106,18 @@ def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
     return tokens[len(prompt) :]
 
 
+def decode_one(model, prompt, row_settings, eos, generator, should_abort=lambda: False) -> Decoded:
+    return decode(model, [prompt], [row_settings], eos, generator, should_abort)[0]
+
+
 # --- the decoding core (no Ray) ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_sampled_log_probs_match_a_forward_pass(policy, temperature):
-    decoded = decode(policy, PROMPT, settings(temperature=temperature), frozenset(), torch.Generator().manual_seed(3))
+    decoded = decode_one(
+        policy, PROMPT, settings(temperature=temperature), frozenset(), torch.Generator().manual_seed(3)
+    )
     assert len(decoded.token_ids) == 12 and not decoded.aborted
     assert len(set(decoded.token_ids)) > 1
     expected = forward_log_probs(policy, PROMPT, decoded.token_ids, temperature)
@@ -128,7 +141,7 @@ def test_sampling_follows_the_temperature_scaled_distribution(policy):
 
 def test_top_k_restricts_and_renormalises(policy):
     temperature, top_k = 0.8, 5
-    decoded = decode(
+    decoded = decode_one(
         policy, PROMPT, settings(temperature=temperature, top_k=top_k), frozenset(), torch.Generator().manual_seed(1)
     )
     with torch.no_grad():
@@ -150,7 +163,7 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
 
 
 def test_greedy_takes_the_argmax_and_reports_unscaled_log_probs(policy):
-    decoded = decode(policy, PROMPT, settings(temperature=0.0, greedy=True), frozenset(), torch.Generator())
+    decoded = decode_one(policy, PROMPT, settings(temperature=0.0, greedy=True), frozenset(), torch.Generator())
     assert decoded.token_ids == greedy_reference(policy, PROMPT, 12)
     expected = forward_log_probs(policy, PROMPT, decoded.token_ids, temperature=1.0)
     torch.testing.assert_close(torch.tensor(decoded.log_probs), expected, atol=1e-4, rtol=0)
@@ -162,11 +175,11 @@ def test_stops_after_the_first_eos_and_ignore_eos_continues(policy):
     eos = frozenset({free_run[stop_at]})
     greedy = dict(temperature=0.0, greedy=True)
 
-    stopped = decode(policy, PROMPT, settings(**greedy, ignore_eos=False), eos, torch.Generator())
+    stopped = decode_one(policy, PROMPT, settings(**greedy, ignore_eos=False), eos, torch.Generator())
     assert stopped.token_ids == free_run[: stop_at + 1]
     assert len(stopped.log_probs) == stop_at + 1
 
-    ignored = decode(policy, PROMPT, settings(**greedy, ignore_eos=True), eos, torch.Generator())
+    ignored = decode_one(policy, PROMPT, settings(**greedy, ignore_eos=True), eos, torch.Generator())
     assert ignored.token_ids == free_run
 
 
@@ -177,8 +190,78 @@ def test_abort_returns_the_tokens_so_far(policy):
         polls.append(1)
         return len(polls) > 3
 
-    decoded = decode(policy, PROMPT, settings(), frozenset(), torch.Generator().manual_seed(0), abort_on_fourth_poll)
+    decoded = decode_one(
+        policy, PROMPT, settings(), frozenset(), torch.Generator().manual_seed(0), abort_on_fourth_poll
+    )
     assert decoded.aborted and len(decoded.token_ids) == 3 == len(decoded.log_probs)
+
+
+# --- batches of prompts -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_left_padded_batch_log_probs_match_a_forward_pass_of_each_prompt(policy, temperature):
+    budgets = [12, 5, 9, 7]
+    rows = [settings(temperature=temperature, max_tokens=budget) for budget in budgets]
+    decoded = decode(policy, PROMPTS, rows, frozenset(), torch.Generator().manual_seed(3))
+    assert [len(row.token_ids) for row in decoded] == budgets
+    for prompt, row in zip(PROMPTS, decoded):
+        assert not row.aborted and len(set(row.token_ids)) > 1
+        expected = forward_log_probs(policy, prompt, row.token_ids, temperature)
+        torch.testing.assert_close(torch.tensor(row.log_probs), expected, atol=1e-4, rtol=0)
+
+
+def test_batched_greedy_rows_stop_at_their_own_eos_or_budget(policy):
+    """Each row of a batch decodes exactly what it would decode alone, and stops on its own."""
+    free_runs = [greedy_reference(policy, prompt, 10) for prompt in PROMPTS]
+    # an EOS that the first prompt's greedy continuation reaches after a few tokens
+    stop_at = next(i for i in range(2, 10) if free_runs[0][i] not in free_runs[0][:i])
+    eos = frozenset({free_runs[0][stop_at]})
+    greedy = dict(temperature=0.0, greedy=True)
+    rows = [
+        settings(**greedy, max_tokens=10, ignore_eos=False),
+        settings(**greedy, max_tokens=3, ignore_eos=False),
+        settings(**greedy, max_tokens=10, ignore_eos=True),
+        settings(**greedy, max_tokens=10, ignore_eos=False),
+    ]
+    decoded = decode(policy, PROMPTS, rows, eos, torch.Generator())
+    alone = [decode_one(policy, prompt, row, eos, torch.Generator()) for prompt, row in zip(PROMPTS, rows)]
+    assert [row.token_ids for row in decoded] == [row.token_ids for row in alone]
+    assert decoded[0].token_ids == free_runs[0][: stop_at + 1]
+    assert decoded[1].token_ids == free_runs[1][: len(decoded[1].token_ids)] and len(decoded[1].token_ids) <= 3
+    assert decoded[2].token_ids == free_runs[2]
+    for batched, single, prompt in zip(decoded, alone, PROMPTS):
+        torch.testing.assert_close(torch.tensor(batched.log_probs), torch.tensor(single.log_probs), atol=1e-5, rtol=0)
+        expected = forward_log_probs(policy, prompt, batched.token_ids, temperature=1.0)
+        torch.testing.assert_close(torch.tensor(batched.log_probs), expected, atol=1e-4, rtol=0)
+
+
+def test_abort_keeps_finished_rows_and_cuts_the_others(policy):
+    polls = []
+
+    def abort_on_fourth_poll():
+        polls.append(1)
+        return len(polls) > 3
+
+    rows = [settings(max_tokens=2), settings(max_tokens=10)]
+    short, long = decode(policy, PROMPTS[:2], rows, frozenset(), torch.Generator().manual_seed(0), abort_on_fourth_poll)
+    assert not short.aborted and len(short.token_ids) == 2
+    assert long.aborted and len(long.token_ids) == 3 == len(long.log_probs)
+
+
+def test_a_batch_shares_one_sampling_distribution(policy):
+    with pytest.raises(ValueError, match="one distribution"):
+        decode(policy, PROMPTS[:2], [settings(), settings(top_k=5)], frozenset(), torch.Generator())
+    # budgets, EOS handling and log-prob requests may differ within a batch
+    assert settings(max_tokens=3, ignore_eos=False).distribution == settings(return_log_probs=False).distribution
+
+
+def test_row_wise_sampling_log_probs_equal_single_rows():
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+    for row_settings in [settings(temperature=0.7, top_k=6), settings(top_p=0.6), settings(top_k=10, top_p=0.8)]:
+        batched = sampling_log_probs(logits, row_settings)
+        singles = torch.stack([sampling_log_probs(row, row_settings) for row in logits])
+        assert torch.equal(batched, singles)
 
 
 # --- request parameters -----------------------------------------------------------------------
@@ -240,6 +323,151 @@ def test_weight_loading_accepts_tied_weights_and_rejects_partial_updates():
         load_full_state_dict(untied, {k: v for k, v in untied.state_dict().items() if k != "lm_head.weight"})
     with pytest.raises(ValueError, match="unknown: \\['extra.weight'\\]"):
         load_full_state_dict(untied, {**untied.state_dict(), "extra.weight": torch.zeros(1)})
+
+
+# --- the request queue (no model) -------------------------------------------------------------
+
+
+class RecordingBatches:
+    """A batch function that records its batches; ``hold`` blocks a batch until released."""
+
+    def __init__(self, hold: bool = False):
+        self.batches: list[list[str]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.stopped_early: list[bool] = []
+
+    def __call__(self, requests, should_stop):
+        self.batches.append(list(requests))
+        self.started.set()
+        self.release.wait(timeout=10)
+        self.stopped_early.append(should_stop())
+        return [f"done {request}" for request in requests]
+
+
+async def test_concurrent_requests_are_batched_by_key_in_arrival_order_up_to_the_cap():
+    run = RecordingBatches()
+    batcher = RequestBatcher(run, batch_key=lambda request: request[0], max_batch_size=3)
+    requests = ["a0", "a1", "b2", "a3", "a4", "a5", "a6"]
+    results = await asyncio.gather(*(batcher.submit(request) for request in requests))
+    assert results == [f"done {request}" for request in requests]
+    # the oldest request leads each batch; compatible later ones join it up to the cap
+    assert run.batches == [["a0", "a1", "a3"], ["b2"], ["a4", "a5", "a6"]]
+
+
+async def test_a_failing_batch_fails_its_requests_and_the_queue_goes_on():
+    def fail_on_b(requests, should_stop):
+        if requests[0] == "b":
+            raise RuntimeError("broken batch")
+        return requests
+
+    batcher = RequestBatcher(fail_on_b, batch_key=lambda request: request, max_batch_size=8)
+    outcomes = await asyncio.gather(batcher.submit("b"), batcher.submit("b"), return_exceptions=True)
+    assert [str(outcome) for outcome in outcomes] == ["broken batch"] * 2
+    assert await batcher.submit("a") == "a"
+
+
+async def test_exclusive_waits_for_the_running_batch_and_holds_back_the_next():
+    run = RecordingBatches(hold=True)
+    batcher = RequestBatcher(run, batch_key=lambda request: 0, max_batch_size=8)
+    first = asyncio.create_task(batcher.submit("first"))
+    await asyncio.to_thread(run.started.wait, 10)
+    events = []
+
+    async def exclusive_section():
+        async with batcher.exclusive():
+            events.append(("exclusive", len(run.batches)))
+
+    section = asyncio.create_task(exclusive_section())
+    second = asyncio.create_task(batcher.submit("second"))
+    await asyncio.sleep(0.05)
+    assert not section.done() and not first.done()
+    run.release.set()
+    assert await first == "done first" and await second == "done second"
+    await section
+    # the exclusive block ran after the first batch and before the second one
+    assert events == [("exclusive", 1)] and run.batches == [["first"], ["second"]]
+
+
+async def test_abort_fails_queued_requests_and_stops_the_running_batch():
+    run = RecordingBatches(hold=True)
+    batcher = RequestBatcher(run, batch_key=lambda request: request, max_batch_size=8)
+    running = asyncio.create_task(batcher.submit("running"))
+    await asyncio.to_thread(run.started.wait, 10)
+    queued = asyncio.create_task(batcher.submit("queued"))
+    await asyncio.sleep(0)
+    abort = asyncio.create_task(batcher.abort())
+    with pytest.raises(RequestAborted):
+        await queued
+    await asyncio.sleep(0.05)
+    assert not abort.done()  # abort returns only once the running batch is over
+    run.release.set()
+    await abort
+    assert await running == "done running" and run.stopped_early == [True]
+    assert await batcher.submit("after") == "done after" and run.stopped_early == [True, False]
+
+
+# --- the server without Ray -------------------------------------------------------------------
+
+
+def in_process_server(model_dir, **config) -> HFRolloutServer:
+    model_config = HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"})
+    return HFRolloutServer(config=rollout_config(**config), model_config=model_config, replica_rank=0)
+
+
+def greedy_params(max_tokens=10):
+    return {"temperature": 0.0, "logprobs": True, "ignore_eos": True, "max_tokens": max_tokens}
+
+
+async def test_concurrent_generate_calls_are_decoded_in_one_batch(model_dir, policy, monkeypatch):
+    batch_sizes = []
+
+    def recording_decode(model, prompts, *args):
+        batch_sizes.append(len(prompts))
+        return decode(model, prompts, *args)
+
+    monkeypatch.setattr(hf_rollout, "decode", recording_decode)
+    server = in_process_server(model_dir)
+    outputs = await asyncio.gather(
+        *(server.generate(prompt, greedy_params(), request_id=str(i)) for i, prompt in enumerate(PROMPTS))
+    )
+    assert batch_sizes == [len(PROMPTS)]
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.token_ids == greedy_reference(policy, prompt, 10) and output.stop_reason == "completed"
+        expected = forward_log_probs(policy, prompt, output.token_ids, temperature=1.0)
+        torch.testing.assert_close(torch.tensor(output.log_probs), expected, atol=1e-4, rtol=0)
+
+    batch_sizes.clear()
+    capped = in_process_server(model_dir, max_num_seqs=3)
+    await asyncio.gather(*(capped.generate(prompt, greedy_params(), request_id="r") for prompt in PROMPTS))
+    assert batch_sizes == [3, 1]
+
+
+async def test_a_weight_update_waits_for_the_running_batch(model_dir, policy, monkeypatch):
+    """The running batch finishes with the old weights; requests queued behind the update get the new ones."""
+    started, release = threading.Event(), threading.Event()
+
+    def held_decode(*args):
+        started.set()
+        release.wait(timeout=10)
+        return decode(*args)
+
+    monkeypatch.setattr(hf_rollout, "decode", held_decode)
+    server = in_process_server(model_dir)
+    new_policy = tiny_qwen2(seed=7)
+    running = asyncio.create_task(server.generate(PROMPT, greedy_params(), request_id="running"))
+    await asyncio.to_thread(started.wait, 10)
+    update = asyncio.create_task(server.update_weights(new_policy.state_dict(), global_steps=3))
+    queued = asyncio.create_task(server.generate(PROMPT, greedy_params(), request_id="queued"))
+    await asyncio.sleep(0.05)
+    assert not update.done()
+    release.set()
+    old, new = await running, await queued
+    await update
+    assert old.token_ids == greedy_reference(policy, PROMPT, 10) and old.extra_fields["global_steps"] is None
+    assert new.token_ids == greedy_reference(new_policy, PROMPT, 10) and new.extra_fields["global_steps"] == 3
 
 
 # --- the Ray server, the replica and the trainer-side adapter ---------------------------------

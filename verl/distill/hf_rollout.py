@@ -6,7 +6,9 @@ with the unchanged agent loop and trainer:
 
 * :class:`HFReplica` (a :class:`RolloutReplica`, registry name ``hf``) starts one
   :class:`HFRolloutServer` Ray actor per replica; the agent loop sends it ``generate`` requests.
-* :class:`HFRolloutServer` holds an fp32 copy of the policy and decodes one request at a time.
+* :class:`HFRolloutServer` holds an fp32 copy of the policy and decodes concurrent requests in
+  batches (:mod:`verl.distill.request_batching`): requests with the same sampling distribution are
+  left-padded and decoded together, at most ``rollout.max_num_seqs`` at once.
 * :class:`HFServerAdapter` (a :class:`BaseRollout`, key ``("hf", "async")``) lives in the trainer
   worker; after every actor update it pushes the full state dict to the server.
 
@@ -15,8 +17,9 @@ against a direct forward pass without Ray.
 """
 
 import asyncio
+import inspect
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -24,6 +27,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from verl.distill.request_batching import RequestAborted, RequestBatcher
 from verl.utils import normalize_token_ids
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig, RolloutConfig
@@ -66,6 +70,13 @@ class SamplingSettings:
     max_tokens: int
     return_log_probs: bool
     ignore_eos: bool
+
+    @property
+    def distribution(self) -> tuple:
+        """What :func:`sampling_log_probs` depends on: requests that agree on it can be decoded in one batch."""
+        if self.greedy:
+            return ("greedy",)
+        return ("sample", self.temperature, self.top_k, self.top_p)
 
 
 def resolve_sampling(
@@ -119,7 +130,7 @@ def resolve_sampling(
 
 
 def sampling_log_probs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """Log-probabilities of the distribution the next token is drawn from, shape ``[vocab]``.
+    """Log-probabilities of the distribution the next token is drawn from, for logits of shape ``[..., vocab]``.
 
     With ``z = logits / temperature``:
 
@@ -137,16 +148,16 @@ def sampling_log_probs(logits: torch.Tensor, settings: SamplingSettings) -> torc
     if settings.greedy:
         return torch.log_softmax(logits, dim=-1)
     scaled = logits / settings.temperature
-    if 0 < settings.top_k < scaled.numel():
-        kth_largest = torch.topk(scaled, settings.top_k).values[-1]
+    if 0 < settings.top_k < scaled.shape[-1]:
+        kth_largest = torch.topk(scaled, settings.top_k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth_largest, float("-inf"))
     if settings.top_p < 1.0:
-        sorted_scaled, order = torch.sort(scaled, descending=True)
+        sorted_scaled, order = torch.sort(scaled, dim=-1, descending=True)
         sorted_probs = torch.softmax(sorted_scaled, dim=-1)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         drop_sorted = mass_before >= settings.top_p
-        drop_sorted[0] = False
-        drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
+        drop_sorted[..., 0] = False
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return torch.log_softmax(scaled, dim=-1)
 
@@ -160,41 +171,97 @@ class Decoded:
     aborted: bool
 
 
+# Left padding fills short prompts with this id; the attention mask hides it, so any valid id works.
+PAD_TOKEN_ID = 0
+
+
+def _last_position_logits_only(model: torch.nn.Module) -> dict[str, int]:
+    """Forward kwargs that skip the logits of all but the last position, where the model supports it.
+
+    A left-padded batch's logits over whole prompts would take rows x prompt length x vocabulary floats.
+    """
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.inference_mode()
 def decode(
     model: torch.nn.Module,
-    prompt_ids: list[int],
-    settings: SamplingSettings,
+    prompts: Sequence[Sequence[int]],
+    settings: Sequence[SamplingSettings],
     eos_token_ids: frozenset[int],
     generator: torch.Generator,
     should_abort: Callable[[], bool] = lambda: False,
-) -> Decoded:
-    """Generate up to ``settings.max_tokens`` tokens after ``prompt_ids`` with a KV cache.
+) -> list[Decoded]:
+    """Generate a continuation of every prompt, decoding them together with one KV cache.
 
-    Stops after the first end-of-sequence token (which is returned, as vLLM does) unless
-    ``settings.ignore_eos``; ``should_abort`` is polled before every token so a weight sync can
-    interrupt a long request (partial rollout).
+    The prompts are left-padded to a common length (attention mask 0 on the padding, position ids
+    counted from each prompt's first real token), so each row sees exactly what it would see alone.
+    All rows must share one sampling distribution (:attr:`SamplingSettings.distribution`); token
+    budgets and ``ignore_eos`` are per row. A row stops after its first end-of-sequence token (which
+    is returned, as vLLM does) unless it ignores EOS, or at its ``max_tokens``, and then leaves the
+    batch. ``should_abort`` is polled before every step so a weight sync can interrupt long requests
+    (partial rollout): the rows still decoding are returned as aborted, with their tokens so far.
     """
-    token_ids: list[int] = []
-    log_probs: list[float] = []
-    next_input = torch.tensor([prompt_ids], dtype=torch.long)
+    distributions = {row_settings.distribution for row_settings in settings}
+    if len(distributions) != 1 or len(settings) != len(prompts):
+        raise ValueError(
+            f"hf rollout: a batch needs one sampling setting per prompt, all with one distribution; "
+            f"got {len(prompts)} prompts and distributions {sorted(map(str, distributions))}"
+        )
+    sampler = settings[0]
+    rows = len(prompts)
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((rows, width), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+    prompt_lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)
+    budgets = torch.tensor([row_settings.max_tokens for row_settings in settings])
+    stops_at_eos = torch.tensor([not row_settings.ignore_eos for row_settings in settings])
+    eos_ids = torch.tensor(sorted(eos_token_ids), dtype=torch.long)
+    last_position_only = _last_position_logits_only(model)
+
+    results = [Decoded(token_ids=[], log_probs=[], aborted=False) for _ in prompts]
+    decoding = torch.arange(rows)  # the prompt index of each batch row still decoding
     cache = None
-    while len(token_ids) < settings.max_tokens:
+    generated = 0
+    while decoding.numel():
         if should_abort():
-            return Decoded(token_ids, log_probs, aborted=True)
-        output = model(input_ids=next_input, past_key_values=cache, use_cache=True)
-        cache = output.past_key_values
-        token_log_probs = sampling_log_probs(output.logits[0, -1], settings)
-        if settings.greedy:
-            token = int(torch.argmax(token_log_probs))
-        else:
-            token = int(torch.multinomial(token_log_probs.exp(), num_samples=1, generator=generator))
-        token_ids.append(token)
-        log_probs.append(float(token_log_probs[token]))
-        if token in eos_token_ids and not settings.ignore_eos:
+            for row in decoding.tolist():
+                results[row].aborted = True
             break
-        next_input = torch.tensor([[token]], dtype=torch.long)
-    return Decoded(token_ids, log_probs, aborted=False)
+        output = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **last_position_only,
+        )
+        cache = output.past_key_values
+        step_log_probs = sampling_log_probs(output.logits[:, -1], sampler)
+        if sampler.greedy:
+            tokens = torch.argmax(step_log_probs, dim=-1)
+        else:
+            tokens = torch.multinomial(step_log_probs.exp(), num_samples=1, generator=generator)[:, 0]
+        token_log_probs = step_log_probs.gather(-1, tokens[:, None])[:, 0]
+        for row, token, log_prob in zip(decoding.tolist(), tokens.tolist(), token_log_probs.tolist(), strict=True):
+            results[row].token_ids.append(token)
+            results[row].log_probs.append(log_prob)
+        generated += 1
+
+        finished = (budgets[decoding] <= generated) | (stops_at_eos[decoding] & torch.isin(tokens, eos_ids))
+        if finished.any():
+            keep = torch.nonzero(~finished)[:, 0]
+            if keep.numel():
+                cache.reorder_cache(keep)
+            decoding, tokens, attention_mask = decoding[keep], tokens[keep], attention_mask[keep]
+        input_ids = tokens[:, None]
+        attention_mask = torch.cat([attention_mask, torch.ones_like(input_ids)], dim=-1)
+        position_ids = prompt_lengths[decoding][:, None] + (generated - 1)
+    return results
 
 
 def eos_token_ids(model_config: HFModelConfig) -> frozenset[int]:
@@ -238,11 +305,24 @@ def server_actor_name(
     return f"hf_server_{role}{replica_rank}{name_suffix}"
 
 
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One queued ``generate`` call."""
+
+    prompt_ids: list[int]
+    settings: SamplingSettings
+
+
 class HFRolloutServer:
     """Ray actor serving one replica: token-in/token-out generation with a transformers model.
 
-    Requests are decoded one at a time (an asyncio lock) in a worker thread, so control calls
-    (weight updates, aborts) stay responsive. The model is a separate fp32 copy loaded from
+    Concurrent ``generate`` calls are queued and decoded in batches (:class:`RequestBatcher`): one
+    batch at a time, in a worker thread, so control calls (weight updates, aborts) stay responsive.
+    A batch holds requests with the same sampling distribution, at most
+    ``actor_rollout_ref.rollout.max_num_seqs`` of them; that bounds memory, since the KV cache holds
+    rows x (longest prompt + response) positions. A weight update waits for the running batch and
+    applies before the next one: no response mixes two weight versions, and requests still queued
+    then are decoded with the new weights. The model is a separate fp32 copy loaded from
     ``model_config.local_path`` with sdpa attention; the trainer overwrites it on every sync.
     """
 
@@ -262,9 +342,12 @@ class HFRolloutServer:
         # model weights version, reported with every response like verl's other servers
         self.global_steps: Optional[int] = None
 
-        self._lock = asyncio.Lock()
-        # abort_all_requests bumps the epoch: requests admitted under an older epoch stop.
-        self._epoch = 0
+        self._batcher: RequestBatcher[GenerateRequest, TokenOutput] = RequestBatcher(
+            self._decode_batch,
+            batch_key=lambda request: request.settings.distribution,
+            max_batch_size=self.config.max_num_seqs,
+        )
+        # cleared by abort_all_requests: new requests wait (or are rejected) until resume_generation
         self._admitting = asyncio.Event()
         self._admitting.set()
         self._rejecting = False
@@ -283,7 +366,7 @@ class HFRolloutServer:
         """Generate a continuation of ``prompt_ids``; ``log_probs`` only when ``sampling_params['logprobs']``.
 
         ``request_id`` and ``priority`` complete the call signature verl's agent loop uses; requests
-        are served in arrival order.
+        are batched in arrival order.
         """
         if image_data is not None or video_data is not None or audio_data is not None:
             raise ValueError("hf rollout: multimodal inputs are not supported; use a text-only dataset")
@@ -294,54 +377,56 @@ class HFRolloutServer:
             if self._rejecting:
                 return self._aborted_output()
             await self._admitting.wait()
-        epoch = self._epoch
-        async with self._lock:
-            if epoch != self._epoch:
-                return self._aborted_output()
-            decoded = await asyncio.to_thread(
-                decode,
-                self.model,
-                prompt_ids,
-                settings,
-                self.eos_token_ids,
-                self.generator,
-                lambda: epoch != self._epoch,
-            )
-        return TokenOutput(
-            token_ids=decoded.token_ids,
-            log_probs=decoded.log_probs if settings.return_log_probs else None,
-            stop_reason="aborted" if decoded.aborted else "completed",
-            extra_fields={"global_steps": self.global_steps},
+        try:
+            return await self._batcher.submit(GenerateRequest(prompt_ids, settings))
+        except RequestAborted:
+            return self._aborted_output()
+
+    def _decode_batch(self, requests: list[GenerateRequest], should_abort: Callable[[], bool]) -> list[TokenOutput]:
+        decoded = decode(
+            self.model,
+            [request.prompt_ids for request in requests],
+            [request.settings for request in requests],
+            self.eos_token_ids,
+            self.generator,
+            should_abort,
         )
+        return [
+            TokenOutput(
+                token_ids=result.token_ids,
+                log_probs=result.log_probs if request.settings.return_log_probs else None,
+                stop_reason="aborted" if result.aborted else "completed",
+                extra_fields={"global_steps": self.global_steps},
+            )
+            for request, result in zip(requests, decoded, strict=True)
+        ]
 
     def _aborted_output(self) -> TokenOutput:
         return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps})
 
     async def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: Optional[int] = None):
-        """Replace all weights; waits for the running request so no response mixes two versions.
+        """Replace all weights between two batches, so no response mixes two versions.
 
         A sync without a step number (verl re-syncs that way around validation) keeps the current
         version tag, as verl's vLLM adapter does: the trainer's metrics need an integer tag.
         """
-        async with self._lock:
+        async with self._batcher.exclusive():
             load_full_state_dict(self.model, state_dict)
-        if global_steps is not None:
-            self.global_steps = global_steps
+            if global_steps is not None:
+                self.global_steps = global_steps
 
     async def set_global_steps(self, global_steps: int):
         self.global_steps = global_steps
 
     async def abort_all_requests(self, reject_request: bool = False):
-        """Stop the running request after its current token and answer queued ones with ``aborted``.
+        """Stop the running batch after its current token and answer queued requests with ``aborted``.
 
         New requests wait until :meth:`resume_generation`, or are answered ``aborted`` at once when
         ``reject_request`` (the replica leaves rotation). Returns once no request is decoding.
         """
         self._rejecting = reject_request
         self._admitting.clear()
-        self._epoch += 1
-        async with self._lock:
-            pass
+        await self._batcher.abort()
 
     async def resume_generation(self):
         self._rejecting = False
