@@ -1,6 +1,6 @@
-"""Reliability on one machine: a run killed with SIGKILL resumes from its last complete checkpoint
-with the same data order; a checkpoint cut short is never resumed from; two runs at once keep their
-checkpoints, metrics and toy asset cache apart.
+"""Reliability on one machine: bad input fails in one line within seconds, before Ray; a run killed
+with SIGKILL resumes from its last complete checkpoint with the same data order; a checkpoint cut
+short is never resumed from; two runs at once keep their checkpoints, metrics and toy asset cache apart.
 
 The trainer runs start ``python -m verl.trainer.main_ppo`` in a session of their own, so every
 process of a run (driver, Ray's servers and workers) is found, and killed, by that session id
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import resource
 import shutil
 import signal
 import subprocess
@@ -23,10 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from test_toy_task import TINY_SPEC as TINY_TOY_SPEC  # a build of seconds: a second builder arrives mid-build
-from trainer_runs import TINY_RUN, TrainerRun
+from trainer_runs import TINY_RUN, TrainerRun, run_trainer
 
 from verl.distill.checkpoints import TRACKER_NAME, checkpoint_problem, find_latest_complete_checkpoint
 from verl.distill.toy.build import MANIFEST_NAME, cache_dir_name
@@ -37,6 +40,128 @@ STEPS = 6
 SAVE_FREQ = 2
 DATA_SEED = 7
 RUN_TIMEOUT_S = 600
+
+# --- bad input on the command line ------------------------------------------------------------
+
+BAD_INPUT_LIMIT_S = 15
+TOY_VOCABULARY = 47  # tokens of the toy tokenizer that tiny_assets' models use
+
+
+def _bad_input_cases():
+    """(config name, overrides given the assets and a scratch folder, start of the error after its prefix
+    with {train_files} and {scratch} filled in), one per stage that can refuse: before Hydra composes,
+    the CPU adaptation, the config alone, data files, the tokenizers, prompt lengths, the vocabulary."""
+    return [
+        pytest.param(
+            "distillation_megatron_trainer",
+            lambda assets, scratch: ["actor_rollout_ref.actor.fsdp_config.param_offload=true"],
+            "actor_rollout_ref.actor.fsdp_config.param_offload: is an FSDP setting, and "
+            "--config-name=distillation_megatron_trainer trains with Megatron; "
+            "fix: use actor_rollout_ref.actor.megatron.param_offload",
+            id="FSDP key on the Megatron config (Hydra could not compose it)",
+        ),
+        pytest.param(
+            "distillation_megatron_trainer",
+            lambda assets, scratch: ["actor_rollout_ref.actor.strategy=fsdp"],
+            "actor_rollout_ref.actor.strategy: is 'fsdp', and --config-name=distillation_megatron_trainer",
+            id="FSDP strategy on the Megatron config",
+        ),
+        pytest.param(
+            "distillation_trainer",
+            lambda assets, scratch: ["actor_rollout_ref.rollout.name=vllm"],
+            "actor_rollout_ref.rollout.name=vllm needs a GPU",
+            id="GPU rollout on a CPU",
+        ),
+        pytest.param(
+            "distillation_trainer",
+            lambda assets, scratch: ["actor_rollout_ref.ref.model.path=null"],
+            "actor_rollout_ref.ref.model.path: no teacher",
+            id="no teacher",
+        ),
+        pytest.param(
+            "distillation_trainer",
+            lambda assets, scratch: ["actor_rollout_ref.actor.kl_loss_type=k1"],
+            "actor_rollout_ref.actor.kl_loss_type: 'k1' (k1) as a loss has a gradient that does not depend",
+            id="k1 as the loss",
+        ),
+        pytest.param(
+            "distillation_trainer",
+            lambda assets, scratch: ["actor_rollout_ref.actor.distill.topk=0"],
+            "actor_rollout_ref.actor.distill.topk",
+            id="distill option out of range",
+        ),
+        pytest.param(
+            "distillation_trainer",
+            lambda assets, scratch: [f"data.train_files={_parquet_without_prompts(scratch)}"],
+            "data.train_files ({scratch}/questions.parquet): has no 'prompt' column",
+            id="data file without a prompt column",
+        ),
+        pytest.param(
+            "distillation_trainer",
+            lambda assets, scratch: [f"actor_rollout_ref.ref.model.path={_model_with_another_tokenizer(scratch)}"],
+            "actor_rollout_ref.ref.model.path: the teacher's tokenizer differs from the student's",
+            id="teacher with another tokenizer",
+        ),
+        pytest.param(
+            "distillation_trainer",
+            lambda assets, scratch: ["data.max_prompt_length=8"],
+            "data.train_files ({train_files}): row 0 has a prompt of 14 tokens (chat template applied), "
+            "more than data.max_prompt_length=8",
+            id="prompt longer than max_prompt_length",
+        ),
+        pytest.param(
+            "distillation_trainer",
+            lambda assets, scratch: [
+                "actor_rollout_ref.actor.policy_loss.loss_mode=reverse_kl_topk",
+                "actor_rollout_ref.actor.distill.topk=1024",
+            ],
+            f"actor_rollout_ref.actor.distill.topk: is 1024, more than the {TOY_VOCABULARY} tokens",
+            id="top-k larger than the vocabulary",
+        ),
+    ]
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _parquet_without_prompts(folder: Path) -> Path:
+    path = folder / "questions.parquet"
+    pq.write_table(pa.table({"question": ["1+2="]}), path)
+    return path
+
+
+def _model_with_another_tokenizer(folder: Path) -> Path:
+    from test_teacher_slot import TOKENS, save_tiny_model
+
+    return save_tiny_model(folder / "other-tokenizer", tokens=list(reversed(TOKENS)))
+
+
+@pytest.mark.parametrize(("config_name", "overrides", "expected"), _bad_input_cases())
+def test_bad_input_fails_in_one_line_before_ray_within_15_s(tiny_assets, tmp_path, config_name, overrides, expected):
+    paths = [
+        f"data.train_files={tiny_assets.train_files}",
+        f"data.val_files={tiny_assets.val_files}",
+        f"actor_rollout_ref.model.path={tiny_assets.student}",
+        f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
+    ]
+    arguments = [*paths, *overrides(tiny_assets, tmp_path)]
+    cpu_before, started = _children_cpu_s(), time.monotonic()
+    run = run_trainer(tmp_path, arguments, config_name=config_name, timeout=120)
+    elapsed, cpu = time.monotonic() - started, _children_cpu_s() - cpu_before
+    errors = [line for line in run.stderr.splitlines() if line.startswith("verl-distill: error:")]
+    assert run.returncode == 2, run.explain()
+    expected = expected.format(train_files=tiny_assets.train_files, scratch=tmp_path)
+    assert len(errors) == 1 and errors[0].startswith(f"verl-distill: error: {expected}"), run.stderr[-3000:]
+    assert "; fix: " in errors[0]
+    assert "Traceback" not in run.stderr and "HYDRA_FULL_ERROR" not in run.stderr
+    assert "ray init kwargs" not in run.stdout
+    # Mostly importing verl (torch, tensordict, transformers, Ray): single-threaded CPU work, so other
+    # jobs on the machine stretch the wall time. The CPU time and load tell which one went wrong.
+    load = os.getloadavg()[0]
+    assert elapsed < BAD_INPUT_LIMIT_S, f"took {elapsed:.1f} s ({cpu:.1f} s of CPU; load average {load:.1f})"
+
 
 # --- find_latest_complete_checkpoint on hand-made folders -------------------------------------
 

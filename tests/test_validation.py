@@ -9,10 +9,29 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import verl
-from verl.distill.validation import DistillConfigError, validate_distillation_config
+from verl.distill.validation import (
+    DistillConfigError,
+    FSDPSetting,
+    fsdp_only_setting,
+    refuse_fsdp_settings_on_megatron,
+    validate_distillation_config,
+)
 
 CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 PROMPT = [{"role": "user", "content": "1 + 2 ="}]
+# The tiny tokenizers split on whitespace: a prompt is as many tokens as its messages have words.
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] + ' ' }}{% endfor %}"
+# Prompts of 4, 4 and 8 tokens: row 2 is the first one longer than 5.
+PROMPTS_OF_4_4_8_TOKENS = [PROMPT, PROMPT, [{"role": "user", "content": "1 + 1 + 1 + 2 ="}]]
+
+
+def with_chat_template(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
 
 
 @pytest.fixture(scope="module")
@@ -21,26 +40,39 @@ def files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("validation")
     paths = {
-        "student": save_tiny_model(root / "student", vocab_size=16),
-        "teacher": save_tiny_model(root / "teacher", vocab_size=32, hidden_size=16),
+        "student": with_chat_template(save_tiny_model(root / "student", vocab_size=16)),
+        "teacher": with_chat_template(save_tiny_model(root / "teacher", vocab_size=32, hidden_size=16)),
         "other_tokenizer": save_tiny_model(root / "other", tokens=list(reversed(TOKENS))),
+        "no_chat_template": save_tiny_model(root / "no_chat_template"),
         "train": str(root / "train.parquet"),
+        "long_prompts": str(root / "long_prompts.parquet"),
+        "long_prompts_jsonl": str(root / "long_prompts.jsonl"),
+        "string_prompts": str(root / "string_prompts.parquet"),
+        "images": str(root / "images.parquet"),
         "no_prompt": str(root / "no_prompt.parquet"),
         "empty": str(root / "empty.parquet"),
         "corrupt": str(root / "corrupt.parquet"),
         "jsonl": str(root / "val.jsonl"),
         "empty_jsonl": str(root / "empty.jsonl"),
+        "corrupt_jsonl": str(root / "corrupt.jsonl"),
         "csv": str(root / "train.csv"),
         "not_a_model": str(root / "not_a_model"),
     }
     pq.write_table(pa.table({"prompt": [PROMPT], "data_source": ["toy"]}), paths["train"])
-    pq.write_table(pa.table({"question": ["1 + 2 ="]}), paths["no_prompt"])
+    pq.write_table(pa.table({"prompt": PROMPTS_OF_4_4_8_TOKENS}), paths["long_prompts"])
+    with open(paths["long_prompts_jsonl"], "w") as handle:
+        handle.writelines(json.dumps({"prompt": prompt}) + "\n" for prompt in PROMPTS_OF_4_4_8_TOKENS)
+    pq.write_table(pa.table({"prompt": ["1 + 2 ="]}), paths["string_prompts"])
+    pq.write_table(pa.table({"prompt": PROMPTS_OF_4_4_8_TOKENS, "images": [["a.png"]] * 3}), paths["images"])
+    pq.write_table(pa.table({"question": [PROMPT]}), paths["no_prompt"])
     pq.write_table(pa.table({"prompt": pa.array([], type=pa.string())}), paths["empty"])
     with open(paths["corrupt"], "wb") as handle:
         handle.write(b"not parquet at all")
     with open(paths["jsonl"], "w") as handle:
         handle.write(json.dumps({"prompt": PROMPT}) + "\n")
     open(paths["empty_jsonl"], "w").close()
+    with open(paths["corrupt_jsonl"], "w") as handle:
+        handle.write(json.dumps({"prompt": PROMPT}) + "\n" + '{"prompt": [' + "\n")
     open(paths["csv"], "w").write("prompt\n1 + 2 =\n")
     os.makedirs(paths["not_a_model"])
     return paths
@@ -223,7 +255,10 @@ def test_distribution_losses_need_the_fsdp_actor(files, loss_mode):
         files, f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}", config_name="distillation_megatron_trainer"
     )
     assert "actor_rollout_ref.actor.policy_loss.loss_mode" in refusal(config) and "megatron" in refusal(config)
-    validate_distillation_config(distillation_config(files, f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}"))
+    fsdp = distillation_config(
+        files, f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}", "actor_rollout_ref.actor.distill.topk=4"
+    )
+    validate_distillation_config(fsdp)
 
 
 @pytest.mark.parametrize(
@@ -244,3 +279,251 @@ def test_hybrid_with_unknown_policy_loss(files):
         files, "actor_rollout_ref.actor.distill.rl_policy_loss=nope", config_name="distillation_hybrid_trainer"
     )
     assert refusal(config).startswith("actor_rollout_ref.actor.distill.rl_policy_loss: unknown policy loss 'nope'")
+
+
+# --- distill.topk and the vocabulary ----------------------------------------------------------
+
+TOPK_KEY = "actor_rollout_ref.actor.distill.topk"
+
+
+@pytest.mark.parametrize("loss_mode", ["forward_kl_topk", "reverse_kl_topk", "jsd_topk"])
+def test_topk_larger_than_the_vocabulary_is_refused(files, loss_mode):
+    mode = f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}"
+    message = refusal(distillation_config(files, mode, f"{TOPK_KEY}=8"))
+    assert message == (
+        f"{TOPK_KEY}: is 8, more than the 7 tokens of the student's tokenizer; "
+        f"fix: set it to at most 7; {TOPK_KEY}=7 gives the exact full-vocabulary divergence"
+    )
+    validate_distillation_config(distillation_config(files, mode, f"{TOPK_KEY}=7"))  # the full vocabulary
+
+
+def test_topk_is_not_checked_for_losses_that_keep_no_top_k(files):
+    validate_distillation_config(distillation_config(files, f"{TOPK_KEY}=1000"))  # the default sampled-token loss
+
+
+# --- prompt lengths ---------------------------------------------------------------------------
+
+
+def test_prompt_longer_than_max_prompt_length_is_refused_with_its_row(files):
+    config = distillation_config(files, f"data.train_files={files['long_prompts']}", "data.max_prompt_length=5")
+    message = refusal(config)
+    assert message == (
+        f"data.train_files ({files['long_prompts']}): row 2 has a prompt of 8 tokens (chat template applied), "
+        "more than data.max_prompt_length=5, and data.truncation=error; fix: raise data.max_prompt_length "
+        "(this prompt needs 8), or set data.truncation=left (keep each prompt's end) or "
+        "data.filter_overlong_prompts=true (drop such rows)"
+    )
+
+
+def test_validation_prompts_are_measured_too(files):
+    config = distillation_config(files, f"data.val_files={files['long_prompts_jsonl']}", "data.max_prompt_length=5")
+    assert refusal(config).startswith(f"data.val_files ({files['long_prompts_jsonl']}): row 2 has a prompt of 8 tokens")
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "data.max_prompt_length=8",
+        "data.truncation=left",
+        "data.filter_overlong_prompts=true",  # verl's dataset drops the long rows
+        "data.custom_cls.path=my_dataset.py",  # a dataset of one's own reads prompts its own way
+    ],
+)
+def test_long_prompts_pass_when_verl_would_not_see_them_or_is_told_to_cut_them(files, setting):
+    validate_distillation_config(
+        distillation_config(files, f"data.train_files={files['long_prompts']}", "data.max_prompt_length=5", setting)
+    )
+
+
+@pytest.mark.parametrize(("shuffle", "refused"), [(False, False), (True, True)])
+def test_max_samples_limits_the_rows_verl_keeps(files, shuffle, refused):
+    config = distillation_config(
+        files,
+        f"data.train_files={files['long_prompts']}",
+        "data.max_prompt_length=5",
+        "data.train_max_samples=2",  # the first two rows, unless verl picks two at random
+        f"data.shuffle={shuffle}",
+    )
+    if refused:
+        assert "row 2 has a prompt of 8 tokens" in refusal(config)
+    else:
+        validate_distillation_config(config)
+
+
+def test_prompts_with_images_are_left_to_verl(files):
+    validate_distillation_config(
+        distillation_config(files, f"data.train_files={files['images']}", "data.max_prompt_length=5")
+    )
+
+
+def test_a_row_past_the_first_that_cannot_be_parsed_is_refused(files):
+    message = refusal(distillation_config(files, f"data.val_files={files['corrupt_jsonl']}"))
+    assert message.startswith(f"data.val_files ({files['corrupt_jsonl']}): is unreadable (JSONDecodeError")
+
+
+def test_a_prompt_that_is_not_chat_messages_is_refused(files):
+    message = refusal(distillation_config(files, f"data.train_files={files['string_prompts']}"))
+    assert message.startswith(
+        f"data.train_files ({files['string_prompts']}): row 0 has a prompt the chat template cannot render "
+        "(not a list of chat messages but str)"
+    )
+
+
+def test_a_student_without_chat_template_is_refused(files):
+    no_template = files["no_chat_template"]
+    config = distillation_config(
+        files, f"actor_rollout_ref.model.path={no_template}", f"actor_rollout_ref.ref.model.path={no_template}"
+    )
+    assert refusal(config).startswith("actor_rollout_ref.model.path: the student's tokenizer has no chat template")
+    config.actor_rollout_ref.model.custom_chat_template = CHAT_TEMPLATE
+    validate_distillation_config(config)
+
+
+def test_prompt_lengths_are_those_verls_dataset_filter_keeps_and_drops(tiny_assets, tmp_path):
+    """The check measures prompts exactly as verl's RLHFDataset does when it filters long prompts."""
+    import pandas as pd
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from verl.distill.validation import _prompt_lengths
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.student)
+    prompts = [list(prompt) for prompt in pd.read_parquet(tiny_assets.train_files)["prompt"]]
+    prompts[3] = [{"role": "system", "content": "add the two numbers"}, *prompts[3]]
+    prompts[5] = [{"role": "user", "content": "9" * 40 + "+1="}]
+    data_file = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": prompts}), data_file)
+    lengths = _prompt_lengths(tokenizer, prompts, options={})
+    limit = sorted(lengths)[len(lengths) // 2]
+    assert min(lengths) <= limit < max(lengths)
+    dataset_config = OmegaConf.create(
+        {"max_prompt_length": limit, "filter_overlong_prompts": True, "cache_dir": str(tmp_path / "cache")}
+    )
+    kept = RLHFDataset(str(data_file), tokenizer, dataset_config)
+    assert [row["prompt"] for row in kept.dataframe] == [p for p, n in zip(prompts, lengths, strict=True) if n <= limit]
+
+
+# --- FSDP settings given to the Megatron config -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "megatron_key"),
+    [
+        ("actor_rollout_ref.actor.fsdp_config.param_offload", "actor_rollout_ref.actor.megatron.param_offload"),
+        ("actor_rollout_ref.ref.fsdp_config.param_offload", "actor_rollout_ref.ref.megatron.param_offload"),
+        ("actor_rollout_ref.actor.fsdp_config.offload_policy", "actor_rollout_ref.actor.megatron.param_offload"),
+        ("actor_rollout_ref.actor.fsdp_config.qat.enable", "actor_rollout_ref.actor.megatron.qat.enable"),
+        ("actor_rollout_ref.actor.fsdp_config", "actor_rollout_ref.actor.megatron"),
+        ("critic.fsdp.optimizer_offload", "critic.megatron.optimizer_offload"),
+        (
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size",
+            "actor_rollout_ref.actor.megatron.context_parallel_size",
+        ),
+        ("actor_rollout_ref.actor.grad_clip", "actor_rollout_ref.actor.optim.clip_grad"),
+        ("actor_rollout_ref.actor.optim.min_lr_ratio", "actor_rollout_ref.actor.optim.min_lr"),
+        ("actor_rollout_ref.actor.fsdp_config.wrap_policy.min_num_params", None),
+        ("actor_rollout_ref.ref.fsdp_config.reshard_after_forward", None),
+    ],
+)
+def test_fsdp_settings_name_their_megatron_counterpart(key, megatron_key):
+    assert fsdp_only_setting(key) == FSDPSetting(key, megatron_key)
+
+
+def _leaves(node, prefix):
+    if not isinstance(node, dict) or not node:
+        return {prefix}
+    return {leaf for key, value in node.items() for leaf in _leaves(value, f"{prefix}.{key}")}
+
+
+def test_the_fsdp_settings_table_matches_verls_configs(files):
+    """Every key verl's FSDP configs have and its Megatron configs lack is known, with a real counterpart."""
+    from omegaconf import OmegaConf
+
+    fsdp = distillation_config(files)
+    megatron = distillation_config(files, config_name="distillation_megatron_trainer")
+
+    def role_leaves(config):
+        return {
+            leaf
+            for role in ("actor_rollout_ref.actor", "actor_rollout_ref.ref", "critic")
+            for leaf in _leaves(OmegaConf.to_container(OmegaConf.select(config, role), resolve=False), role)
+        }
+
+    fsdp_only, megatron_keys = role_leaves(fsdp) - role_leaves(megatron), role_leaves(megatron)
+    assert "actor_rollout_ref.actor.fsdp_config.param_offload" in fsdp_only
+    assert [key for key in sorted(fsdp_only) if fsdp_only_setting(key) is None] == []
+    assert [key for key in sorted(megatron_keys) if fsdp_only_setting(key) is not None] == []
+    counterparts = {fsdp_only_setting(key).megatron_key for key in fsdp_only} - {None}
+    absent = object()
+    assert [key for key in sorted(counterparts) if OmegaConf.select(megatron, key, default=absent) is absent] == []
+
+
+def test_fsdp_overrides_of_the_megatron_config_are_refused_before_composing():
+    with pytest.raises(DistillConfigError) as raised:
+        refuse_fsdp_settings_on_megatron(
+            "distillation_megatron_trainer",
+            ["trainer.total_training_steps", "actor_rollout_ref.ref.fsdp_config.param_offload"],
+        )
+    assert str(raised.value) == (
+        "actor_rollout_ref.ref.fsdp_config.param_offload: is an FSDP setting, and "
+        "--config-name=distillation_megatron_trainer trains with Megatron; fix: use "
+        "actor_rollout_ref.ref.megatron.param_offload, or train with FSDP: --config-name=distillation_trainer"
+    )
+    refuse_fsdp_settings_on_megatron("distillation_trainer", ["actor_rollout_ref.ref.fsdp_config.param_offload"])
+
+
+def test_fsdp_settings_added_to_the_megatron_config_are_refused(files):
+    config = distillation_config(
+        files, "+actor_rollout_ref.actor.fsdp_config.param_offload=true", config_name="distillation_megatron_trainer"
+    )
+    assert refusal(config).startswith(
+        "actor_rollout_ref.actor.fsdp_config.param_offload: is an FSDP setting, and --config-name="
+        "distillation_megatron_trainer trains with Megatron; fix: use actor_rollout_ref.actor.megatron.param_offload"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config_name", "override", "problem"),
+    [
+        ("distillation_megatron_trainer", "actor_rollout_ref.actor.strategy=fsdp", "is 'fsdp', and"),
+        ("distillation_megatron_trainer", "actor_rollout_ref.ref.strategy=fsdp2", "is 'fsdp2', and"),
+        ("distillation_megatron_trainer", "critic.strategy=fsdp", "is 'fsdp', and"),
+        ("distillation_trainer", "actor_rollout_ref.actor.strategy=megatron", "is 'megatron', and"),
+    ],
+)
+def test_a_strategy_of_the_other_engine_is_refused(files, config_name, override, problem):
+    key = override.split("=")[0]
+    message = refusal(distillation_config(files, override, config_name=config_name))
+    assert message.startswith(f"{key}: {problem}"), message
+
+
+# --- the trainer's command line, read before Hydra ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "arguments"),
+    [
+        (["python", "-m", "verl.trainer.main_ppo", "--config-name=x", "a=1"], ["--config-name=x", "a=1"]),
+        (["python", "-X", "importtime", "-m", "verl.trainer.main_ppo"], []),
+        (["python", "/site-packages/verl/trainer/main_ppo.py", "a=1"], ["a=1"]),
+        (["python", "-m", "pytest", "-m", "verl.trainer.main_ppo"], None),
+        (["python", "-u", "/ray/_private/workers/default_worker.py", "--node-ip-address=1.2.3.4"], None),
+    ],
+)
+def test_the_trainer_command_is_recognised(command, arguments):
+    from verl.distill.driver import trainer_arguments
+
+    assert trainer_arguments(command) == arguments
+
+
+def test_hydra_arguments_are_split_into_config_name_and_overrides():
+    from verl.distill.driver import hydra_config_name_and_overrides
+
+    arguments = ["--config-name", "distillation_megatron_trainer", "a.b=1", "+c=2", "~d", "--cfg", "job"]
+    assert hydra_config_name_and_overrides(arguments) == (
+        "distillation_megatron_trainer",
+        ["a.b=1", "+c=2", "~d"],
+    )
+    assert hydra_config_name_and_overrides(["-cn", "n"])[0] == "n"
+    assert hydra_config_name_and_overrides(["--config-name=n"])[0] == "n"

@@ -36,7 +36,7 @@ if [[ $# -eq 0 ]]; then
         data.max_prompt_length=16 \
         data.max_response_length=8 \
         actor_rollout_ref.actor.policy_loss.loss_mode=reverse_kl_topk \
-        actor_rollout_ref.actor.distill.topk=1024 \
+        actor_rollout_ref.actor.distill.topk=47 \
         actor_rollout_ref.actor.optim.lr=${TOY_LR:-1e-3} \
         actor_rollout_ref.actor.optim.lr_warmup_steps=10 \
         actor_rollout_ref.actor.ppo_mini_batch_size=${TOY_BATCH_SIZE:-64} \

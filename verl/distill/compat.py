@@ -9,7 +9,9 @@ engine registries, config ``_target_`` classes). Nine things have no extension p
    to that loss (verl's ``distillation_use_topk`` logits-processor path);
 2. the driver has no hook between composing the config and starting Ray: ``auto_set_device``
    (called first by ``main_ppo.main``) is wrapped to adapt the config to a CPU machine and to
-   validate distillation settings while a mistake still costs nothing;
+   validate distillation settings while a mistake still costs nothing (overrides that Hydra itself
+   would reject, such as FSDP keys given to the Megatron config, are checked on the command line
+   when this hook is installed, before Hydra composes);
 3. on a CPU, the worker process group is built as ``cpu:gloo,cpu:gloo`` (rejected by torch):
    the worker passes plain ``gloo``;
 4. on a CPU, the forward-only (reference / teacher) FSDP2 engine pins host memory, which needs an
@@ -287,6 +289,11 @@ def _value_models_without_flash_attention(module: ModuleType) -> None:
 
 def _wrap_driver_hook(module: ModuleType) -> None:
     require_supported_verl()
+    from verl.distill.driver import check_command_line
+
+    # Hydra composes the config before main() runs, and fails on keys a YAML lacks with a long
+    # message: the trainer's own command line is checked now, while ``import verl`` loads us.
+    check_command_line()
     original_auto_set_device = module.auto_set_device
     if getattr(original_auto_set_device, "_verl_distill", False):
         return

@@ -65,14 +65,19 @@ class CPUConfigError(ValueError):
     """A setting the user chose explicitly cannot work on a CPU."""
 
 
-def explicit_override_keys(overrides: list[str]) -> set[str]:
-    """Config keys named on the command line (``key=v``, ``+key=v``, ``++key=v``, ``~key``)."""
-    keys = set()
+def override_keys(overrides: list[str]) -> list[str]:
+    """Config keys named by Hydra overrides (``key=v``, ``+key=v``, ``++key=v``, ``~key``), in order."""
+    keys = []
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~").strip()
         if key and not key.startswith("hydra."):
-            keys.add(key)
+            keys.append(key)
     return keys
+
+
+def explicit_override_keys(overrides: list[str]) -> set[str]:
+    """Config keys named on the command line."""
+    return set(override_keys(overrides))
 
 
 def _select(config: DictConfig, key: str) -> tuple[bool, Any]:
@@ -86,8 +91,8 @@ def adapt_config_for_cpu(config: DictConfig, explicit_keys: set[str]) -> list[st
     explicit_rollout, rollout_name = _select(config, "actor_rollout_ref.rollout.name")
     if "actor_rollout_ref.rollout.name" in explicit_keys and rollout_name not in ROLLOUT_BACKENDS_ON_CPU:
         raise CPUConfigError(
-            f"actor_rollout_ref.rollout.name={rollout_name} needs a GPU and this machine has none: "
-            f"use actor_rollout_ref.rollout.name=hf (or drop the override) to train on the CPU"
+            f"actor_rollout_ref.rollout.name={rollout_name} needs a GPU and this machine has none; "
+            f"fix: use actor_rollout_ref.rollout.name=hf (or drop the override) to train on the CPU"
         )
     changes = []
     for setting in CPU_SETTINGS:

@@ -5,12 +5,17 @@ student or a teacher with another tokenizer trains without an error against a me
 :func:`validate_distillation_config` raises :class:`DistillConfigError`, one line naming the key (or
 file) and the fix. It checks only configs that select distillation (a distillation loss mode, the
 ``distillation`` reward manager, or a teacher in ``actor_rollout_ref.ref.model.path``); the rest is left to
-verl. Cheap checks run first, the tokenizer comparison (which loads both tokenizers) last.
+verl. Cheap checks run first; those that load the tokenizers (the tokenizer comparison, ``distill.topk``
+against the vocabulary, the prompt lengths) last.
+
+:func:`refuse_fsdp_settings_on_megatron` checks the command line before Hydra composes it: Hydra
+rejects an FSDP key given to the Megatron config with a multi-line message of its own.
 """
 
 import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -37,6 +42,11 @@ VERL_KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 
 DATA_FILE_KEYS = ("data.train_files", "data.val_files")
 DATA_FORMATS = (".parquet", ".json", ".jsonl")
+# with the data.*_max_samples key that limits each split to its first rows
+DATA_SPLITS = (("data.train_files", "data.train_max_samples"), ("data.val_files", "data.val_max_samples"))
+# Prompts rendered and tokenized per batch: large enough for batch tokenization, small enough to stop
+# soon after the first prompt that is too long.
+PROMPT_BATCH_ROWS = 4096
 
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -71,6 +81,7 @@ def validate_distillation_config(config: DictConfig) -> None:
     if not selects_distillation(config):
         return
     _check_student(config)
+    _check_engine_settings(config)
     _check_teacher_slot(config)
     _check_loss(config)
     _check_distill_options(config)
@@ -79,6 +90,11 @@ def validate_distillation_config(config: DictConfig) -> None:
         _check_data_files(config, key)
     _check_model_folders(config)
     _check_tokenizers(config)
+    tokenizer = _student_tokenizer(config)
+    if tokenizer is None:
+        return  # remote: verl copies it to local disk in the workers
+    _check_topk(config, tokenizer)
+    _check_prompt_lengths(config, tokenizer)
 
 
 def _check_student(config: DictConfig) -> None:
@@ -91,6 +107,131 @@ def _check_student(config: DictConfig) -> None:
             "so the teacher is never loaded",
             f"train the full student: remove {key} (distillation with LoRA is not supported)",
         )
+
+
+# --- FSDP settings on the Megatron config ---------------------------------------------------------
+
+MEGATRON_CONFIG_NAME = "distillation_megatron_trainer"
+FSDP_CONFIG_NAME = "distillation_trainer"
+
+# The node of verl's FSDP engine settings under each model role; Megatron's is ``<role>.megatron``.
+FSDP_ENGINE_NODES = {"actor_rollout_ref.actor": "fsdp_config", "actor_rollout_ref.ref": "fsdp_config", "critic": "fsdp"}
+# verl's FSDP engine settings (engine/fsdp.yaml) that its Megatron engine config (engine/megatron.yaml)
+# has under the same name, and those it names differently.
+SHARED_ENGINE_SETTINGS = (
+    "param_offload",
+    "optimizer_offload",
+    "dtype",
+    "seed",
+    "forward_only",
+    "pad_to_length",
+    "pad_to_length_bucket",
+    "entropy_from_logits_with_chunking",
+    "entropy_from_logits_chunk_size",
+    "qat",
+)
+RENAMED_ENGINE_SETTINGS = {"ulysses_sequence_parallel_size": "context_parallel_size", "offload_policy": "param_offload"}
+# Settings of verl's FSDP role configs (dp_actor, dp_ref, dp_critic, optim/fsdp) outside the engine
+# node that its Megatron role configs lack, relative to the role, with Megatron's counterpart (None: none).
+FSDP_ROLE_SETTINGS = {
+    "ulysses_sequence_parallel_size": "megatron.context_parallel_size",
+    "use_remove_padding": "megatron.use_remove_padding",
+    "pad_to_length": "megatron.pad_to_length",
+    "entropy_checkpointing": None,
+    "grad_clip": "optim.clip_grad",
+    "forward_micro_batch_size": None,
+    "forward_micro_batch_size_per_gpu": None,
+    "optim.lr_scheduler_type": "optim.lr_decay_style",
+    "optim.warmup_style": "optim.lr_decay_style",
+    "optim.min_lr_ratio": "optim.min_lr",
+    "optim.num_cycles": None,
+    "optim.zero_indexed_step": None,
+    "optim.optimizer_impl": None,
+}
+
+
+@dataclass(frozen=True)
+class FSDPSetting:
+    """A key of verl's FSDP configs, and its counterpart in the Megatron config (None: there is none)."""
+
+    key: str
+    megatron_key: Optional[str]
+
+
+def fsdp_only_setting(key: str) -> Optional[FSDPSetting]:
+    """The FSDP setting ``key`` names, or None if the Megatron config can hold it."""
+    for role, engine_node in FSDP_ENGINE_NODES.items():
+        if not key.startswith(f"{role}."):
+            continue
+        relative = key[len(role) + 1 :]
+        if relative == engine_node:
+            return FSDPSetting(key, f"{role}.megatron")
+        if relative.startswith(f"{engine_node}."):
+            name, _, rest = relative[len(engine_node) + 1 :].partition(".")
+            megatron_name = name if name in SHARED_ENGINE_SETTINGS else RENAMED_ENGINE_SETTINGS.get(name)
+            if megatron_name is None:
+                return FSDPSetting(key, None)
+            return FSDPSetting(key, ".".join(filter(None, (f"{role}.megatron.{megatron_name}", rest))))
+        for fsdp_key, megatron_key in FSDP_ROLE_SETTINGS.items():
+            if relative == fsdp_key or relative.startswith(f"{fsdp_key}."):
+                return FSDPSetting(key, megatron_key and f"{role}.{megatron_key}")
+    return None
+
+
+def _fsdp_setting_error(setting: FSDPSetting) -> DistillConfigError:
+    counterpart = f"use {setting.megatron_key}" if setting.megatron_key else "remove it (Megatron has no counterpart)"
+    return DistillConfigError(
+        setting.key,
+        f"is an FSDP setting, and --config-name={MEGATRON_CONFIG_NAME} trains with Megatron",
+        f"{counterpart}, or train with FSDP: --config-name={FSDP_CONFIG_NAME}",
+    )
+
+
+def refuse_fsdp_settings_on_megatron(config_name: Optional[str], override_keys: list[str]) -> None:
+    """Refuse FSDP keys given on the command line to the Megatron config, before Hydra composes it
+    (which would reject a key the config lacks with a multi-line message)."""
+    if config_name != MEGATRON_CONFIG_NAME:
+        return
+    for key in override_keys:
+        setting = fsdp_only_setting(key)
+        if setting is not None:
+            raise _fsdp_setting_error(setting)
+
+
+def _leaf_keys(node: Any, prefix: str) -> list[str]:
+    if not isinstance(node, dict) or not node:
+        return [prefix]
+    return [leaf for key, value in node.items() for leaf in _leaf_keys(value, f"{prefix}.{key}")]
+
+
+def _check_engine_settings(config: DictConfig) -> None:
+    """The strategy and engine settings agree with the config's engine (verl's Megatron or FSDP nodes)."""
+    megatron = OmegaConf.select(config, "actor_rollout_ref.actor.megatron") is not None
+    for role in FSDP_ENGINE_NODES:
+        strategy = _get(config, f"{role}.strategy")
+        if megatron and strategy != "megatron":
+            raise DistillConfigError(
+                f"{role}.strategy",
+                f"is {strategy!r}, and --config-name={MEGATRON_CONFIG_NAME} holds verl's Megatron engine settings",
+                f"drop the override (Megatron's is {role}.strategy=megatron), "
+                f"or train with FSDP: --config-name={FSDP_CONFIG_NAME}",
+            )
+        if not megatron and strategy == "megatron":
+            raise DistillConfigError(
+                f"{role}.strategy",
+                f"is 'megatron', and --config-name={FSDP_CONFIG_NAME} holds verl's FSDP engine settings",
+                f"train with Megatron: --config-name={MEGATRON_CONFIG_NAME}",
+            )
+    if not megatron:
+        return
+    for role in FSDP_ENGINE_NODES:
+        node = OmegaConf.select(config, role)
+        if node is None:
+            continue
+        for key in _leaf_keys(OmegaConf.to_container(node, resolve=False), role):
+            setting = fsdp_only_setting(key)
+            if setting is not None:  # added with +key=value, so Hydra let it through
+                raise _fsdp_setting_error(setting)
 
 
 def _check_teacher_slot(config: DictConfig) -> None:
@@ -377,3 +518,157 @@ def _check_tokenizers(config: DictConfig) -> None:
             f"cannot load the tokenizers to compare them: {type(error).__name__}: {error}",
             "point both at model folders with a tokenizer (or set their tokenizer_path)",
         ) from None
+
+
+def _student_tokenizer(config: DictConfig):
+    """The student's tokenizer as verl's trainer loads it for the dataset and the rollout; None if remote."""
+    location = _tokenizer_location(config, "actor_rollout_ref.model")
+    if "://" in location:
+        return None
+    from transformers import AutoTokenizer
+
+    trust_remote_code = bool(_get(config, "actor_rollout_ref.model.trust_remote_code"))
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    custom_chat_template = _get(config, "actor_rollout_ref.model.custom_chat_template")
+    if custom_chat_template is not None:
+        tokenizer.chat_template = custom_chat_template
+    return tokenizer
+
+
+def _check_topk(config: DictConfig, tokenizer) -> None:
+    from verl.distill.loss_config import CONFIG_KEY, DistillLossConfig
+    from verl.workers.roles.utils.loss_registry import needs_teacher_logits
+
+    if not needs_teacher_logits(str(_get(config, LOSS_MODE_KEY))):
+        return  # the sampled-token losses keep no top-k
+    topk = _get(config, f"{CONFIG_KEY}.topk", DistillLossConfig.topk)
+    vocabulary = len(tokenizer)
+    if topk > vocabulary:
+        raise DistillConfigError(
+            f"{CONFIG_KEY}.topk",
+            f"is {topk}, more than the {vocabulary} tokens of the student's tokenizer",
+            f"set it to at most {vocabulary}; "
+            f"{CONFIG_KEY}.topk={vocabulary} gives the exact full-vocabulary divergence",
+        )
+
+
+def _check_prompt_lengths(config: DictConfig, tokenizer) -> None:
+    """With ``data.truncation=error``, no prompt may be longer than ``data.max_prompt_length``.
+
+    verl 0.9.1 documents ``truncation=error`` as an error for such a prompt, but its agent loop
+    left-truncates a text prompt (the question's beginning is lost) with only a warning in a worker's
+    log. ``data.filter_overlong_prompts=true`` makes verl's dataset drop such rows instead; any other
+    ``truncation`` asks for a cut. Lengths are measured as the dataset's filter does.
+    """
+    if _get(config, "data.truncation") != "error" or _get(config, "data.filter_overlong_prompts"):
+        return
+    if any(_get(config, key) for key in ("data.custom_cls.path", "data.tool_config_path", "data.function_tool_path")):
+        return  # a dataset class of its own, or tool schemas rendered into every prompt: left to verl
+    if not tokenizer.chat_template:
+        raise DistillConfigError(
+            "actor_rollout_ref.model.path",
+            "the student's tokenizer has no chat template, and verl renders every prompt with it",
+            "use a model whose tokenizer has a chat template, or set actor_rollout_ref.model.custom_chat_template",
+        )
+    options = {
+        key: value
+        for key, value in (_get(config, "data.apply_chat_template_kwargs") or {}).items()
+        if key not in ("tokenize", "return_dict", "return_tensors")  # verl's dataset drops them too
+    }
+    max_length = int(_get(config, "data.max_prompt_length"))
+    prompt_key = _get(config, "data.prompt_key", "prompt")
+    media_keys = [_get(config, f"data.{kind}_key", f"{kind}s") for kind in ("image", "video", "audio")]
+    for files_key, max_samples_key in DATA_SPLITS:
+        max_samples = int(_get(config, max_samples_key) or -1)
+        # verl keeps the first max_samples rows of the split, or a random choice of them when shuffling
+        rows_left = max_samples if max_samples > 0 and not _get(config, "data.shuffle") else None
+        for file in _as_list(_get(config, files_key)):
+            if "://" in str(file) or rows_left == 0:
+                continue
+            try:
+                prompts = _text_prompts(os.path.expanduser(str(file)), prompt_key, media_keys)
+            except Exception as error:  # a row past the first that verl's loader could not read either
+                raise DistillConfigError(
+                    f"{files_key} ({file})",
+                    f"is unreadable ({type(error).__name__}: {error})",
+                    "rewrite the file; verl's RL dataset cannot read it",
+                ) from None
+            if prompts is None:
+                continue  # images, videos or audio: verl measures them with the processor, and fails itself
+            if rows_left is not None:
+                prompts = prompts[:rows_left]
+                rows_left -= len(prompts)
+            problem = _overlong_prompt_problem(tokenizer, prompts, max_length, options)
+            if problem is not None:
+                raise DistillConfigError(f"{files_key} ({file})", *problem)
+
+
+def _text_prompts(path: str, prompt_key: str, media_keys: list[str]) -> Optional[list]:
+    """The prompt of every row of a data file; None if its rows carry images, videos or audio."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        if set(media_keys) & set(pq.ParquetFile(path).schema_arrow.names):
+            return None
+        return pq.read_table(path, columns=[prompt_key]).column(prompt_key).to_pylist()
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if any(key in record for record in records for key in media_keys):
+        return None
+    return [record.get(prompt_key) for record in records]
+
+
+def _overlong_prompt_problem(tokenizer, prompts: list, max_length: int, options: dict) -> Optional[tuple[str, str]]:
+    """The first prompt longer than ``max_length`` tokens (or that cannot be rendered), and the fix."""
+    for start in range(0, len(prompts), PROMPT_BATCH_ROWS):
+        batch = prompts[start : start + PROMPT_BATCH_ROWS]
+        try:
+            lengths = _prompt_lengths(tokenizer, batch, options)
+        except _PromptError as error:
+            return (
+                f"row {start + error.offset} has a prompt the chat template cannot render ({error.reason})",
+                "give every row a list of chat messages ({'role': ..., 'content': ...}) in the prompt column",
+            )
+        for offset, length in enumerate(lengths):
+            if length > max_length:
+                return (
+                    f"row {start + offset} has a prompt of {length} tokens (chat template applied), more than "
+                    f"data.max_prompt_length={max_length}, and data.truncation=error",
+                    f"raise data.max_prompt_length (this prompt needs {length}), or set data.truncation=left "
+                    "(keep each prompt's end) or data.filter_overlong_prompts=true (drop such rows)",
+                )
+    return None
+
+
+class _PromptError(ValueError):
+    """A prompt of a batch that cannot be rendered: its position in the batch, and why."""
+
+    def __init__(self, offset: int, reason: str):
+        super().__init__(offset, reason)
+        self.offset, self.reason = offset, reason
+
+
+def _prompt_lengths(tokenizer, prompts: list, options: dict) -> list[int]:
+    """Token counts as verl's RL dataset measures a prompt (chat template with the generation prompt,
+    no special tokens added), rendered and tokenized as one batch."""
+    for offset, prompt in enumerate(prompts):
+        if not isinstance(prompt, list) or not all(isinstance(message, dict) for message in prompt):
+            raise _PromptError(offset, f"not a list of chat messages but {type(prompt).__name__}")
+    try:
+        texts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False, **options)
+    except Exception:  # find the prompt the chat template fails on
+        for offset, prompt in enumerate(prompts):
+            try:
+                tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **options)
+            except Exception as error:
+                raise _PromptError(offset, f"{type(error).__name__}: {error}") from None
+        raise
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    # the Rust tokenizer's encodings, counted without building a Python list of ids per prompt
+    return [len(encoding) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
