@@ -264,6 +264,21 @@ def test_distribution_losses_need_the_fsdp_actor(files, loss_mode):
 @pytest.mark.parametrize(
     "override, key",
     [
+        ("trainer.use_v1=false", "trainer.use_v1"),
+        ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "actor_rollout_ref.actor.ulysses_sequence_parallel_size"),
+        ("actor_rollout_ref.ref.ulysses_sequence_parallel_size=2", "actor_rollout_ref.ref.ulysses_sequence_parallel_size"),
+        ("actor_rollout_ref.model.use_fused_kernels=true", "actor_rollout_ref.model.use_fused_kernels"),
+    ],
+)
+def test_what_breaks_the_reference_pass_top_k_is_refused(files, override, key):
+    loss_mode = "actor_rollout_ref.actor.policy_loss.loss_mode=reverse_kl_topk"
+    assert refusal(distillation_config(files, loss_mode, override)).startswith(key + ":")
+    validate_distillation_config(distillation_config(files, override))  # the sampled-token loss is unaffected
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
         ("actor_rollout_ref.actor.distill.topk=0", "actor_rollout_ref.actor.distill.topk"),
         ("actor_rollout_ref.actor.distill.jsd_beta=2", "actor_rollout_ref.actor.distill.jsd_beta"),
         ("+actor_rollout_ref.actor.distill.nonsense=1", "actor_rollout_ref.actor.distill"),

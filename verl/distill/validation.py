@@ -287,13 +287,7 @@ def _check_loss(config: DictConfig) -> None:
         )
 
     if needs_teacher_logits(loss_mode):
-        strategy = _get(config, "actor_rollout_ref.actor.strategy")
-        if strategy not in ("fsdp", "fsdp2"):
-            raise DistillConfigError(
-                LOSS_MODE_KEY,
-                f"{loss_mode} reads the teacher's logits inside the FSDP actor update, not available with strategy {strategy}",
-                "use the FSDP trainer (distillation_trainer) or loss_mode=distillation",
-            )
+        _check_teacher_topk_path(config, loss_mode)
         return  # compares whole distributions: kl_loss_type plays no part
 
     kl_loss_type = str(_get(config, "actor_rollout_ref.actor.kl_loss_type"))
@@ -304,6 +298,36 @@ def _check_loss(config: DictConfig) -> None:
             KL_LOSS_TYPE_KEY,
             f"unknown KL estimator {kl_loss_type!r}",
             f"use one of: {', '.join(VERL_KL_ESTIMATORS)} (optionally with '+', e.g. k3+)",
+        )
+
+
+def _check_teacher_topk_path(config: DictConfig, loss_mode: str) -> None:
+    """The ``*_topk`` losses pick the teacher's top-k from its logits in the FSDP reference pass and
+    carry it through TransferQueue (verl/distill/teacher_topk.py): refuse what breaks that path."""
+    strategy = _get(config, "actor_rollout_ref.actor.strategy")
+    if strategy not in ("fsdp", "fsdp2"):
+        raise DistillConfigError(
+            LOSS_MODE_KEY,
+            f"{loss_mode} picks the teacher's top-k in the FSDP reference pass, not available with strategy {strategy}",
+            "use the FSDP trainer (distillation_trainer) or loss_mode=distillation",
+        )
+    if _get(config, "trainer.use_v1", True) is False:
+        raise DistillConfigError(
+            "trainer.use_v1",
+            f"is false: {loss_mode} carries the teacher's top-k through the v1 trainer's TransferQueue",
+            "drop trainer.use_v1=false, or use loss_mode=distillation",
+        )
+    for role in ("actor", "ref"):
+        key = f"actor_rollout_ref.{role}.ulysses_sequence_parallel_size"
+        if (_get(config, key, 1) or 1) > 1:
+            raise DistillConfigError(
+                key, f"is above 1: {loss_mode} needs each sequence's logits whole on one rank", f"set {key}=1"
+            )
+    if _get(config, "actor_rollout_ref.model.use_fused_kernels", False):
+        raise DistillConfigError(
+            "actor_rollout_ref.model.use_fused_kernels",
+            f"is true: fused kernels never build the logits {loss_mode} compares",
+            "set actor_rollout_ref.model.use_fused_kernels=false",
         )
 
 
