@@ -51,7 +51,8 @@ class DistillLossConfig(BaseConfig):
                 "Default 32. Number k of the teacher's most likely tokens kept per position for the "
                 "distribution-level losses; the rest of the vocabulary is one tail bucket, so each loss is "
                 "an exact divergence between (k+1)-category distributions. Larger k: closer to the "
-                "full-vocabulary divergence, more memory (k ids and k log-probs per token). Must be >= 1."
+                "full-vocabulary divergence, more bytes carried with the batch (8k + 4 per response token). "
+                "Between 1 and the tokenizer's length N; k = N is the exact full-vocabulary divergence."
             )
         },
     )

@@ -7,7 +7,7 @@ whole next-token distributions at every response position, not just at the sampl
 
 over the teacher's top-k tokens plus one tail bucket holding the rest of the vocabulary, so each
 value is a true divergence between (k+1)-category distributions (see :mod:`verl.distill.divergences`).
-With ``distill.topk`` at least the tokenizer's size the loss is the exact full-vocabulary divergence.
+With ``distill.topk`` equal to the tokenizer's length the loss is the exact full-vocabulary divergence.
 Both distributions are ``softmax(logits / (T_rollout · distill.temperature))``.
 
 Where the teacher's distribution comes from: verl's reference pass runs the teacher (in the
