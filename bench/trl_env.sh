@@ -21,7 +21,6 @@ if "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.versio
     exit 0
 fi
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check \
     "torch==$TORCH_VERSION" "trl==$TRL_VERSION" "transformers==$TRANSFORMERS_VERSION" pandas pyarrow
 echo "created $VENV: $("$VENV/bin/python" -c 'import trl, torch, transformers; print(f"trl {trl.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")')"
