@@ -501,3 +501,8 @@ class Part:
     tables: list[str] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def report(self, out: str) -> None:
+        """What a part's script prints and writes when it runs alone (run_all.py merges parts instead)."""
+        print(self.tables[0])
+        Path(out).write_text(json.dumps(rounded({"headline": self.headline, "details": self.details}), indent=2) + "\n")

@@ -37,7 +37,6 @@ bounds from the last validated step of the shortest non-diverged GRPO arm, and f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,7 +51,6 @@ from common import (
     greedy_accuracies,
     median_after_warmup,
     ratio,
-    rounded,
     run_trainer,
     toy_overrides,
     toy_scorer_path,
@@ -590,10 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     part = run(ToyAssets.build(), config, Path(args.workdir).resolve(), skip_grpo=args.skip_grpo)
-    print(part.tables[0])
-    Path(args.out).write_text(
-        json.dumps(rounded({"headline": part.headline, "details": part.details}), indent=2) + "\n"
-    )
+    part.report(args.out)
     return 0
 
 

@@ -16,7 +16,6 @@ the informative part.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ from common import (
     TrainerSpec,
     format_table,
     phase_medians,
-    rounded,
     run_trainer,
     toy_overrides,
 )
@@ -155,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     part = run(ToyAssets.build(), config, Path(args.workdir).resolve())
-    print(part.tables[0])
-    Path(args.out).write_text(
-        json.dumps(rounded({"headline": part.headline, "details": part.details}), indent=2) + "\n"
-    )
+    part.report(args.out)
     return 0
 
 

@@ -25,7 +25,6 @@ verl's v1 trainer polls finished rollouts every 2 s (hard-coded); verl-distill p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -39,7 +38,6 @@ from common import (
     median_after_warmup,
     phase_medians,
     ratio,
-    rounded,
     run_trainer,
     toy_overrides,
     toy_scorer_path,
@@ -200,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     part = run(ToyAssets.build(), config, Path(args.workdir).resolve())
-    print(part.tables[0])
-    Path(args.out).write_text(
-        json.dumps(rounded({"headline": part.headline, "details": part.details}), indent=2) + "\n"
-    )
+    part.report(args.out)
     return 0
 
 
