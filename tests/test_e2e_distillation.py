@@ -28,21 +28,58 @@ def _distillation(tiny_assets, teacher=None):
     ]
 
 
+def _first_token_divergences(student_dir: Path, teacher_dir: Path, prompts_file: Path) -> tuple[float, float]:
+    """Mean exact KL(teacher || student) and KL(student || teacher) of the first response token over all prompts.
+
+    Deterministic (no sampling), unlike the per-step ``actor/kl_loss`` of 4 sampled responses. The student
+    is rounded to bf16 like the merged checkpoint, so that both sides of a comparison carry the same error.
+    """
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.bfloat16).float().eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    forward_kl = reverse_kl = 0.0
+    prompts = pd.read_parquet(prompts_file)["prompt"]
+    with torch.no_grad():
+        for messages in prompts:
+            ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt")
+            ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+            log_s = torch.log_softmax(student(input_ids=ids).logits[0, -1], -1)
+            log_t = torch.log_softmax(teacher(input_ids=ids).logits[0, -1], -1)
+            forward_kl += float((log_t.exp() * (log_t - log_s)).sum())
+            reverse_kl += float((log_s.exp() * (log_s - log_t)).sum())
+    return forward_kl / len(prompts), reverse_kl / len(prompts)
+
+
 def test_student_moves_toward_a_different_teacher(tiny_assets, tmp_path):
+    from verl.distill.evaluation import merge_fsdp_checkpoint
+
     teacher_before = _weights_digest(tiny_assets.teacher)
+    steps = 8
     run = run_trainer(
-        tmp_path, [*_distillation(tiny_assets), "trainer.total_training_steps=8"], config_name="distillation_trainer"
+        tmp_path,
+        [*_distillation(tiny_assets), f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}"],
+        config_name="distillation_trainer",
     )
     assert run.returncode == 0, run.explain()
-    kl = run.series("actor/kl_loss")
-    assert len(kl) == 8
-    assert kl[-1] < kl[0], kl
-    assert run.series("actor/pg_loss") == [0.0] * 8
-    assert run.series("actor/distillation_mode") == [1.0] * 8
+    assert len(run.series("actor/kl_loss")) == steps
+    assert run.series("actor/pg_loss") == [0.0] * steps
+    assert run.series("actor/distillation_mode") == [1.0] * steps
     teacher_lp, student_lp = run.series("actor/teacher_log_prob_mean"), run.series("actor/student_log_prob_mean")
     assert abs(teacher_lp[0] - student_lp[0]) > 0.5, "the ref slot must hold the teacher, not a copy of the student"
     assert run.series("timing_s/ref")
     assert _weights_digest(tiny_assets.teacher) == teacher_before
+
+    trained = tmp_path / "trained_student"
+    merge_fsdp_checkpoint(tmp_path / "checkpoints" / f"global_step_{steps}" / "actor", trained)
+    before = _first_token_divergences(tiny_assets.student, tiny_assets.teacher, tiny_assets.train_files)
+    after = _first_token_divergences(trained, tiny_assets.teacher, tiny_assets.train_files)
+    # low_var_kl's gradient is, in expectation over the student's samples, that of KL(teacher || student)
+    assert after[0] < before[0], (before, after)
+    assert after[1] < before[1], (before, after)
 
 
 def test_teacher_equal_to_student_gives_zero_kl(tiny_assets, tmp_path):

@@ -54,9 +54,15 @@ def test_policy_gradient_opd_logs_pg_loss_and_the_reward_kl_penalty_only(tiny_as
     assert not run.series("actor/kl_loss")
 
 
-# k = 32 of the tiny tokenizer's 47 tokens leaves a tail bucket; a k beyond the tokenizer is capped at
-# it: the whole vocabulary, an empty tail and the exact divergence.
-WHOLE_VOCABULARY = 100_000
+def _tokenizer_length() -> int:
+    from verl.distill.toy.tokenizer import build_tokenizer
+
+    return len(build_tokenizer())
+
+
+# k = 32 of the tiny tokenizer's tokens leaves a tail bucket; k = the tokenizer's length is the whole
+# vocabulary, an empty tail and the exact divergence.
+WHOLE_VOCABULARY = _tokenizer_length()
 
 
 @pytest.mark.parametrize(
