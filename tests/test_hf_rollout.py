@@ -562,3 +562,15 @@ async def test_lifecycle_calls_of_the_trainer_are_accepted(replica):
     output = await request(replica.server_handle)
     assert output.stop_reason == "completed"
     assert math.isfinite(sum(output.log_probs))
+
+
+async def test_generate_batch_answers_each_request_as_generate_does(replica):
+    greedy = {"temperature": 0.0, "logprobs": True, "max_tokens": 6}
+    prompts = [PROMPT, PROMPT[:3], PROMPT[1:]]
+    batched = await replica.server_handle.generate_batch.remote(
+        [{"prompt_ids": prompt, "sampling_params": greedy, "request_id": f"r{i}"} for i, prompt in enumerate(prompts)]
+    )
+    for prompt, output in zip(prompts, batched, strict=True):
+        alone = await replica.server_handle.generate.remote(prompt_ids=prompt, sampling_params=greedy, request_id="a")
+        assert output.token_ids == alone.token_ids
+        torch.testing.assert_close(torch.tensor(output.log_probs), torch.tensor(alone.log_probs), atol=1e-5, rtol=0)

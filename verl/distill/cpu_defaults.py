@@ -9,11 +9,14 @@ one-line error before Ray starts.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 ROLLOUT_BACKENDS_ON_CPU = ("hf",)
+
+# named, not imported: importing it loads verl's trainer, too slow for a config check
+BATCHED_AGENT_LOOP_MANAGER = "verl.distill.batched_agent_loop.BatchedAgentLoopManager"
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,12 @@ class CPUSetting:
 
 def _logical_gpus(config: DictConfig) -> int:
     return int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
+
+
+def _batched_agent_loop_manager(config: DictConfig) -> Optional[str]:
+    # verl's v1 trainer reads its rollouts from TransferQueue, as the batched manager writes them;
+    # the legacy trainer expects returned batches
+    return BATCHED_AGENT_LOOP_MANAGER if OmegaConf.select(config, "trainer.use_v1", default=False) else None
 
 
 CPU_SETTINGS: tuple[CPUSetting, ...] = (
@@ -47,6 +56,12 @@ CPU_SETTINGS: tuple[CPUSetting, ...] = (
         "ray_kwargs.ray_init.num_cpus",
         lambda c: 16,
         "verl's helper actors each reserve a CPU; logical CPUs let them schedule on a small machine",
+        replaces=(None,),
+    ),
+    CPUSetting(
+        "actor_rollout_ref.rollout.agent.agent_loop_manager_class",
+        _batched_agent_loop_manager,
+        "verl's v1 agent loop makes ~6 remote calls per sample; the batched one makes ~6 per step",
         replaces=(None,),
     ),
     CPUSetting("actor_rollout_ref.rollout.agent.num_workers", lambda c: 1, "each worker is a process holding torch", replaces=(8,)),

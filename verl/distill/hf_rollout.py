@@ -382,6 +382,14 @@ class HFRolloutServer:
         except RequestAborted:
             return self._aborted_output()
 
+    async def generate_batch(self, requests: list[dict[str, Any]]) -> list[TokenOutput]:
+        """``generate`` for each of ``requests`` (its keyword arguments), in one Ray call.
+
+        The requests share batches as concurrent ``generate`` calls do; what is saved is one Ray call
+        per request (see :mod:`verl.distill.batched_agent_loop`).
+        """
+        return list(await asyncio.gather(*(self.generate(**request) for request in requests)))
+
     def _decode_batch(self, requests: list[GenerateRequest], should_abort: Callable[[], bool]) -> list[TokenOutput]:
         decoded = decode(
             self.model,
