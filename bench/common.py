@@ -129,7 +129,7 @@ def toy_overrides(
 ) -> list[str]:
     """Hydra overrides shared by every benchmark run: the toy models and data, one optimiser step per
     batch (mini-batch = batch, one micro-batch), a fixed data order (verl's sampler is unseeded
-    otherwise), no checkpoints."""
+    otherwise), no checkpoints, no activation checkpointing (as the plain loop and TRL run)."""
     completions = batch_size * samples_per_prompt
     return [
         f"actor_rollout_ref.model.path={assets.student}",
@@ -146,6 +146,7 @@ def toy_overrides(
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={completions}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={completions}",
         f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={completions}",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=false",
         "trainer.save_freq=-1",
         "trainer.project_name=bench",
     ]
@@ -386,7 +387,7 @@ def run_trainer(
     how = (
         "done"
         if completed
-        else "stopped at its target"
+        else "stopped early (target reached or diverged)"
         if stopped_early
         else "stopped at its time cap"
         if capped

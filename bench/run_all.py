@@ -158,6 +158,9 @@ def peer_part(args, target: float, eval_every: int, workdir: Path, echo) -> Part
             f"{target:.6g}",
             "--lr",
             str(args.trl_lr),
+            # the same validation rows as our runs (our 0 and TRL's -1 both mean all of them)
+            "--val-size",
+            str(args.val_size or -1),
         ],
         workdir / "trl_peer.json",
         workdir / "trl_peer.log",

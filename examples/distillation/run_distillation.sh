@@ -26,7 +26,8 @@ if [[ $# -eq 0 ]]; then
     export VERL_FILE_LOGGER_ROOT="$OUTPUT_DIR"
     # The toy teacher is confident (log-probs of -10 to -27 on wrong digits), where sampled-token
     # estimators barely move the student; the exact reverse KL over the whole (tiny) vocabulary
-    # learns fast. See docs/algo/distillation.md.
+    # learns fast. See docs/algo/distillation.md. Activation checkpointing would recompute every
+    # forward to save memory the toy models do not need.
     exec "$PYTHON" -m verl.trainer.main_ppo --config-name=distillation_trainer \
         actor_rollout_ref.model.path="$(asset student)" \
         actor_rollout_ref.ref.model.path="$(asset teacher)" \
@@ -37,6 +38,7 @@ if [[ $# -eq 0 ]]; then
         data.max_response_length=8 \
         actor_rollout_ref.actor.policy_loss.loss_mode=reverse_kl_topk \
         actor_rollout_ref.actor.distill.topk=47 \
+        actor_rollout_ref.model.enable_gradient_checkpointing=false \
         actor_rollout_ref.actor.optim.lr=${TOY_LR:-1e-3} \
         actor_rollout_ref.actor.optim.lr_warmup_steps=10 \
         actor_rollout_ref.actor.ppo_mini_batch_size=${TOY_BATCH_SIZE:-64} \
