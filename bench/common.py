@@ -413,14 +413,20 @@ def median_after_warmup(values: Sequence[float], warmup: int) -> float | None:
 STEP_PHASES = ("gen", "old_log_prob", "ref", "adv", "update_actor", "update_weights")
 
 
-def phase_medians(outcome: RunOutcome, warmup: int) -> dict[str, float | None]:
-    """Median seconds of the step and of each phase over the steps after the first ``warmup``."""
-    steps = outcome.training_steps()
-    medians = {"step": median_after_warmup([row["timing_s/step"] for row in steps], warmup)}
-    for phase in STEP_PHASES:
-        values = [row[f"timing_s/{phase}"] for row in steps if f"timing_s/{phase}" in row]
-        medians[phase] = median_after_warmup(values, warmup)
-    return medians
+def phase_medians(outcome: RunOutcome | Sequence[RunOutcome], warmup: int) -> dict[str, float | None]:
+    """Median seconds of the step and of each phase over the steps after the first ``warmup`` of each
+    run, pooled over the runs when given several."""
+    outcomes = [outcome] if isinstance(outcome, RunOutcome) else list(outcome)
+
+    def pooled(key: str) -> float | None:
+        values = [
+            value
+            for run in outcomes
+            for value in [row[key] for row in run.training_steps() if key in row][warmup:]
+        ]
+        return statistics.median(values) if values else None
+
+    return {"step": pooled("timing_s/step"), **{phase: pooled(f"timing_s/{phase}") for phase in STEP_PHASES}}
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -442,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured steps per step-cost arm, before --budget-scale (default: %(default)s)",
     )
     add(
+        "--step-rounds",
+        type=int,
+        default=step_cost.StepCostConfig.rounds,
+        help="interleaved runs per step-cost arm, pooled (default: %(default)s)",
+    )
+    add(
         "--scaling-batch-sizes",
         type=scaling.int_list,
         default=[4, 8, 16, 32],
@@ -484,7 +490,7 @@ def apply_quick(args) -> None:
     args.batch_size, args.completions = 8, 8
     args.distill_budget_steps = args.grpo_budget_steps = 2
     args.eval_every, args.val_size = 1, 16
-    args.step_warmup, args.step_steps = 1, 2
+    args.step_warmup, args.step_steps, args.step_rounds = 1, 2, 1
     args.scaling_batch_sizes, args.scaling_response_lengths, args.scaling_length_batch_size = [4], [8], 4
     args.trl_budget_steps = 2
     args.minutes = None
@@ -528,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             args.step_warmup,
             scaled(args.step_steps, args.budget_scale),
             with_recipe=not args.skip_overhead,
+            rounds=args.step_rounds,
         )
         scaling_config = scaling.ScalingConfig(
             args.scaling_batch_sizes, args.scaling_response_lengths, args.scaling_length_batch_size
@@ -539,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     echo(f"machine: {machine['cores']} cores, {machine['ram_gib']} GiB RAM, load {machine['load_average_at_start']}")
-    fixed_runs = (2 if args.skip_overhead else 3) + (0 if args.skip_scaling else len(scaling_config.points()))
+    fixed_runs = (2 if args.skip_overhead else 3) * sc_config.rounds + (
+        0 if args.skip_scaling else len(scaling_config.points())
+    )
     fixed_s = fixed_runs * EST_TRAINER_RUN_S + (0 if args.skip_peer else EST_PEER_S)
     se_s = (
         0

@@ -19,7 +19,7 @@ optimiser step per batch, no validation, no checkpoints:
 verl's v1 trainer polls finished rollouts every 2 s (hard-coded); verl-distill polls every
 ``VERL_DISTILL_ROLLOUT_POLL_S`` seconds (default 0.05), which every arm here uses alike.
 
-    .venv/bin/python bench/step_cost.py --warmup 3 --steps 12 --out step_cost.json
+    .venv/bin/python bench/step_cost.py --warmup 3 --steps 12 --rounds 2 --out step_cost.json
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from common import (
@@ -63,21 +63,27 @@ SHOWN_PHASES = {
 class StepCostConfig:
     """completions: sampled completions per step in every arm. warmup: first steps left out of the
     medians. steps: measured steps after them. lr: of the distillation and GRPO arms (the step cost
-    does not depend on it). with_recipe: also time the toy recipe (needed for the overhead ratio)."""
+    does not depend on it). with_recipe: also time the toy recipe (needed for the overhead ratio).
+    rounds: runs per arm, interleaved (A B C A B C) so that a slow spell of the machine falls on
+    every arm; the medians pool the measured steps of all rounds."""
 
     completions: int = 64
     warmup: int = 3
     steps: int = 12
     lr: float = 1e-4
     with_recipe: bool = True
+    rounds: int = 2
 
     def __post_init__(self):
         if self.completions < GRPO_SAMPLES_PER_PROMPT or self.completions % GRPO_SAMPLES_PER_PROMPT:
             raise ValueError(
                 f"--completions is {self.completions}: use a multiple of {GRPO_SAMPLES_PER_PROMPT} (GRPO's group size)"
             )
-        if self.warmup < 0 or self.steps < 1:
-            raise ValueError(f"--warmup {self.warmup}, --steps {self.steps}: use warmup >= 0 and steps >= 1")
+        if self.warmup < 0 or self.steps < 1 or self.rounds < 1:
+            raise ValueError(
+                f"--warmup {self.warmup}, --steps {self.steps}, --rounds {self.rounds}: "
+                "use warmup >= 0, steps >= 1 and rounds >= 1"
+            )
 
 
 def specs(assets: ToyAssets, config: StepCostConfig) -> list[TrainerSpec]:
@@ -133,21 +139,30 @@ def specs(assets: ToyAssets, config: StepCostConfig) -> list[TrainerSpec]:
 
 def run(assets: ToyAssets, config: StepCostConfig, workdir: Path, echo=print) -> Part:
     part = Part("step_cost")
-    echo(f"step cost: {config.completions} completions per step, median of {config.steps} steps after {config.warmup}")
+    echo(
+        f"step cost: {config.completions} completions per step, median of {config.steps} steps after "
+        f"{config.warmup}, {config.rounds} interleaved round(s)"
+    )
+    outcomes: dict[str, list] = {}
+    for round_index in range(config.rounds):
+        for spec in specs(assets, config):
+            label = f"{spec.label}-round{round_index + 1}"
+            outcome = run_trainer(replace(spec, label=label), workdir / label, echo=echo)
+            outcomes.setdefault(spec.label.removeprefix("step-"), []).append(outcome)
+            part.commands.append(outcome.command)
     arms = {}
-    for spec in specs(assets, config):
-        outcome = run_trainer(spec, workdir / spec.label, echo=echo)
-        name = spec.label.removeprefix("step-")
+    for name, runs in outcomes.items():
+        failures = [run.failure() for run in runs if run.failure()]
         arms[name] = {
-            "medians_s": phase_medians(outcome, config.warmup) if outcome.ok else None,
-            "steps_logged": len(outcome.training_steps()),
+            "medians_s": phase_medians(runs, config.warmup) if not failures else None,
+            "steps_logged": sum(len(run.training_steps()) for run in runs),
             "response_length_mean": median_after_warmup(
-                [row["response_length/mean"] for row in outcome.training_steps() if "response_length/mean" in row], 0
+                [row["response_length/mean"] for run in runs for row in run.training_steps() if "response_length/mean" in row],
+                0,
             ),
-            "failure": outcome.failure(),
-            "run": outcome.to_json(),
+            "failure": failures[0] if failures else None,
+            "runs": [run.to_json() for run in runs],
         }
-        part.commands.append(outcome.command)
 
     def median(arm: str, phase: str) -> float | None:
         medians = arms.get(arm, {}).get("medians_s")
@@ -189,12 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     add("--completions", type=int, default=defaults.completions, help="completions per step (default: %(default)s)")
     add("--warmup", type=int, default=defaults.warmup, help="steps left out of the medians (default: %(default)s)")
     add("--steps", type=int, default=defaults.steps, help="measured steps after warm-up (default: %(default)s)")
+    add(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="runs per arm, interleaved; the medians pool them (default: %(default)s)",
+    )
     add("--no-recipe", action="store_true", help="skip the toy-recipe arm (used only by the overhead comparison)")
     add("--workdir", default="bench/results/tmp/step_cost", help="run folders (default: %(default)s)")
     add("--out", required=True, help="JSON file for the results")
     args = parser.parse_args(argv)
     try:
-        config = StepCostConfig(args.completions, args.warmup, args.steps, with_recipe=not args.no_recipe)
+        config = StepCostConfig(
+            args.completions, args.warmup, args.steps, with_recipe=not args.no_recipe, rounds=args.rounds
+        )
     except ValueError as error:
         parser.error(str(error))
     part = run(ToyAssets.build(), config, Path(args.workdir).resolve())

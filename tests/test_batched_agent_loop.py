@@ -8,7 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from verl.distill.batched_agent_loop import BatchedAgentLoopWorker, BatchedServerClient, BurstGatherer
+from verl.distill.batched_agent_loop import BatchedAgentLoopWorker, BatchedServerClient
+from verl.distill.request_batching import BurstGatherer
 from verl.distill.cpu_defaults import BATCHED_AGENT_LOOP_MANAGER, adapt_config_for_cpu
 from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
 from verl.workers.rollout.replica import TokenOutput

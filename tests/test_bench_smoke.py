@@ -139,6 +139,22 @@ def test_accuracy_at_equal_wall_takes_each_curves_last_evaluation_before_the_sho
     assert run_all.accuracy_at_equal_wall(ours, trl) == {"wall_s": 20.0, "ours": 0.92, "trl": 0.5}
 
 
+def test_step_medians_pool_the_rounds_after_each_rounds_warm_up():
+    from common import phase_medians
+
+    def timed(seconds: list[float]) -> RunOutcome:
+        run = outcome({}, len(seconds))
+        for row, value in zip(run.rows, seconds, strict=True):
+            row["data"].update({"timing_s/step": value, "timing_s/gen": value / 2})
+        return run
+
+    # the slow first step of each round is warm-up; one round alone would give 2.0, the other 4.0
+    medians = phase_medians([timed([9.0, 2.0, 2.0, 2.0]), timed([9.0, 4.0, 4.0, 3.0])], warmup=1)
+    assert medians["step"] == 2.5 and medians["gen"] == 1.25
+    assert medians["ref"] is None  # a phase no round logged
+    assert phase_medians(timed([9.0, 2.0, 3.0]), warmup=1)["step"] == 2.5
+
+
 def test_a_lower_bound_below_a_goal_leaves_the_goal_undecided():
     assert run_all.goal_status("steps_ratio_grpo_over_distill", 2.0, lower_bound=True)["met"] is None
     assert run_all.goal_status("steps_ratio_grpo_over_distill", 5.0, lower_bound=True)["met"] is True

@@ -21,8 +21,7 @@ what verl's worker writes. Selected through verl's extension point
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Optional
 
 import hydra
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 import transfer_queue as tq
 from tensordict import TensorDict
 
+from verl.distill.request_batching import BurstGatherer
 from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, DictConfigWrap, ToolListWrap, _agent_loop_registry
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 from verl.protocol import DataProto
@@ -40,48 +40,6 @@ from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 from verl.workers.rollout.replica import TokenOutput
 
 logger = logging.getLogger(__name__)
-
-Item = TypeVar("Item")
-Result = TypeVar("Result")
-
-# How long the first call of a burst waits for the others. The samples of a chunk reach each call
-# site in the same turn of the event loop, so this only has to cover a few scheduling hops.
-GATHER_WINDOW_S = 0.002
-
-
-class BurstGatherer(Generic[Item, Result]):
-    """Calls made close together are served by one ``run_batch(items) -> results`` call, in order.
-
-    An exception raised by ``run_batch`` is raised by every call of that batch.
-    """
-
-    def __init__(self, run_batch: Callable[[list[Item]], Awaitable[list[Result]]]):
-        self._run_batch = run_batch
-        self._waiting: list[tuple[Item, asyncio.Future]] = []
-
-    async def call(self, item: Item) -> Result:
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
-        if len(self._waiting) == 1:
-            asyncio.create_task(self._serve_after_window())
-        return await future
-
-    async def _serve_after_window(self) -> None:
-        await asyncio.sleep(GATHER_WINDOW_S)
-        batch, self._waiting = self._waiting, []
-        try:
-            results = await self._run_batch([item for item, _ in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"a batch of {len(batch)} calls got {len(results)} results")
-        except BaseException as error:  # every caller must learn of the failure, even a cancellation
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-
 
 class BatchedServerClient:
     """Stands in for verl's ``LLMServerClient`` towards the agent loops: text-only ``generate`` calls

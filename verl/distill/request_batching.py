@@ -12,10 +12,14 @@ calls and runs them through a batch function, one batch at a time:
   starting: a weight update inside it takes effect at a batch boundary, never inside a batch;
 * :meth:`RequestBatcher.abort` answers queued requests with :class:`RequestAborted` and asks the
   running batch to stop early.
+
+:class:`BurstGatherer` is the client-side counterpart, for coroutines: calls made in one burst become
+one call of an async batch function (one Ray call instead of one per sample); batches may overlap and
+nothing runs in a thread.
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Generic, Optional, TypeVar
@@ -139,3 +143,46 @@ class RequestBatcher(Generic[Request, Result]):
             for item in batch:
                 if not item.result.done():
                     item.result.set_exception(error)
+
+
+# How long the first call of a burst waits for the others. The samples of a chunk reach each call
+# site in the same turn of the event loop, so this only has to cover a few scheduling hops.
+BURST_WINDOW_S = 0.002
+
+
+class BurstGatherer(Generic[Request, Result]):
+    """Calls made close together are served by one ``run_batch(items) -> results`` call, in order.
+
+    An exception raised by ``run_batch`` is raised by every call of that batch.
+    """
+
+    def __init__(self, run_batch: Callable[[list[Request]], Awaitable[list[Result]]]):
+        self._run_batch = run_batch
+        self._waiting: list[tuple[Request, asyncio.Future]] = []
+        # the event loop keeps only weak references to tasks
+        self._serving: set[asyncio.Task] = set()
+
+    async def call(self, item: Request) -> Result:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if len(self._waiting) == 1:
+            task = asyncio.create_task(self._serve_after_window())
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+        return await future
+
+    async def _serve_after_window(self) -> None:
+        await asyncio.sleep(BURST_WINDOW_S)
+        batch, self._waiting = self._waiting, []
+        try:
+            results = await self._run_batch([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} calls got {len(results)} results")
+        except BaseException as error:  # every caller must learn of the failure, even a cancellation
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
