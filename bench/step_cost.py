@@ -157,7 +157,12 @@ def run(assets: ToyAssets, config: StepCostConfig, workdir: Path, echo=print) ->
             "medians_s": phase_medians(runs, config.warmup) if not failures else None,
             "steps_logged": sum(len(run.training_steps()) for run in runs),
             "response_length_mean": median_after_warmup(
-                [row["response_length/mean"] for run in runs for row in run.training_steps() if "response_length/mean" in row],
+                [
+                    row["response_length/mean"]
+                    for run in runs
+                    for row in run.training_steps()
+                    if "response_length/mean" in row
+                ],
                 0,
             ),
             "failure": failures[0] if failures else None,

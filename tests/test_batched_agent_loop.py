@@ -50,7 +50,8 @@ class _FakeServer:
     async def _generate_batch(self, requests):
         self.calls.append(requests)
         return [
-            TokenOutput(token_ids=[len(request["prompt_ids"])], extra_fields={"global_steps": 3}) for request in requests
+            TokenOutput(token_ids=[len(request["prompt_ids"])], extra_fields={"global_steps": 3})
+            for request in requests
         ]
 
 
@@ -81,7 +82,9 @@ async def test_generate_calls_of_a_burst_go_to_the_server_in_one_call():
     assert "priority" not in server.calls[0][0]  # meaningless to the hf server
     assert llm_client.acquired == ["r0"] and llm_client.released == [("server-0", "r0")]
     # the weights version of a response, as verl's client reports it
-    assert all(output.extra_fields["min_global_steps"] == output.extra_fields["max_global_steps"] == 3 for output in outputs)
+    assert all(
+        output.extra_fields["min_global_steps"] == output.extra_fields["max_global_steps"] == 3 for output in outputs
+    )
     with pytest.raises(ValueError, match="multimodal"):
         await client.generate("r", prompt_ids=[1], sampling_params={}, image_data=["image"])
 
@@ -102,7 +105,9 @@ def _bare_worker() -> BatchedAgentLoopWorker:
         return {"reward_score": 0.0, "reward_extra_info": {}}
 
     worker.reward_loop_worker_handles = [
-        SimpleNamespace(compute_score_batch=SimpleNamespace(remote=remote), compute_score=SimpleNamespace(remote=remote_single))
+        SimpleNamespace(
+            compute_score_batch=SimpleNamespace(remote=remote), compute_score=SimpleNamespace(remote=remote_single)
+        )
     ]
     return worker
 

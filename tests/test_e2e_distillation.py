@@ -55,21 +55,33 @@ def _first_token_divergences(student_dir: Path, teacher_dir: Path, prompts_file:
 
 
 def test_student_moves_toward_a_different_teacher(tiny_assets, tmp_path):
+    from transformers import AutoTokenizer
+
     from verl.distill.evaluation import merge_fsdp_checkpoint
 
     teacher_before = _weights_digest(tiny_assets.teacher)
     steps = 8
+    # The exact reverse KL over the whole vocabulary (the toy recipe's loss): its gradient is exact,
+    # so 8 steps move the student measurably. The tiny teacher is so confident that the default
+    # sampled-token estimator's clamped log-ratios leave it a gradient too noisy to test in 8 steps.
+    vocabulary = len(AutoTokenizer.from_pretrained(tiny_assets.teacher))
     run = run_trainer(
         tmp_path,
-        [*_distillation(tiny_assets), f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}"],
+        [
+            *_distillation(tiny_assets),
+            "actor_rollout_ref.actor.policy_loss.loss_mode=reverse_kl_topk",
+            f"actor_rollout_ref.actor.distill.topk={vocabulary}",
+            f"trainer.total_training_steps={steps}",
+            f"trainer.save_freq={steps}",
+        ],
         config_name="distillation_trainer",
     )
     assert run.returncode == 0, run.explain()
-    assert len(run.series("actor/kl_loss")) == steps
+    kl = run.series("actor/kl_loss")
+    assert len(kl) == steps
+    assert kl[0] > 0.5, "the ref slot must hold the teacher, not a copy of the student"
     assert run.series("actor/pg_loss") == [0.0] * steps
     assert run.series("actor/distillation_mode") == [1.0] * steps
-    teacher_lp, student_lp = run.series("actor/teacher_log_prob_mean"), run.series("actor/student_log_prob_mean")
-    assert abs(teacher_lp[0] - student_lp[0]) > 0.5, "the ref slot must hold the teacher, not a copy of the student"
     assert run.series("timing_s/ref")
     assert _weights_digest(tiny_assets.teacher) == teacher_before
 
@@ -77,9 +89,7 @@ def test_student_moves_toward_a_different_teacher(tiny_assets, tmp_path):
     merge_fsdp_checkpoint(tmp_path / "checkpoints" / f"global_step_{steps}" / "actor", trained)
     before = _first_token_divergences(tiny_assets.student, tiny_assets.teacher, tiny_assets.train_files)
     after = _first_token_divergences(trained, tiny_assets.teacher, tiny_assets.train_files)
-    # low_var_kl's gradient is, in expectation over the student's samples, that of KL(teacher || student)
-    assert after[0] < before[0], (before, after)
-    assert after[1] < before[1], (before, after)
+    assert after[1] < 0.97 * before[1], (before, after)  # KL(student || teacher), the loss trained on
 
 
 def test_teacher_equal_to_student_gives_zero_kl(tiny_assets, tmp_path):
