@@ -173,8 +173,8 @@ class BatchedAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
             validate=validate,
             sample_kwargs=kwargs,
         )
-        for earlier in outputs[:-1]:
-            if final.reward_score is not None:
+        if final.reward_score is not None:
+            for earlier in outputs[:-1]:
                 earlier.reward_score = final.reward_score
                 earlier.extra_fields["reward_extra_info"] = final.extra_fields["reward_extra_info"]
         rows = [self._trajectory_row(one, f"{uid}_{session_id}_{index}", kwargs) for index, one in enumerate(outputs)]
@@ -226,8 +226,11 @@ class BatchedAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
 
     async def _score_batch(self, samples: list[tuple[AgentLoopOutput, dict]]) -> list[dict]:
         """One ``compute_score_batch`` call: row i is what verl sends alone for sample i."""
-        rows = []
-        for output, kwargs in samples:
+        outputs = [output for output, _ in samples]
+        columns: dict[str, list[torch.Tensor]] = {
+            key: [] for key in ("prompts", "responses", "input_ids", "attention_mask", "position_ids")
+        }
+        for output in outputs:
             prompt = torch.tensor(output.prompt_ids, dtype=torch.int64)
             response = torch.tensor(output.response_ids, dtype=torch.int64)
             input_ids = torch.cat([prompt, response])
@@ -238,28 +241,22 @@ class BatchedAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
                 self._compute_multi_modal_inputs(output, input_ids),
                 output.mm_processor_kwargs or self._get_mm_processor_kwargs(None),
             ).squeeze(0)
-            rows.append((prompt, response, input_ids, attention_mask, position_ids, output, kwargs))
-
-        def padded(column: int) -> torch.Tensor:
-            return torch.nn.utils.rnn.pad_sequence([row[column] for row in rows], batch_first=True, padding_value=0)
-
+            for key, value in zip(columns, (prompt, response, input_ids, attention_mask, position_ids), strict=True):
+                columns[key].append(value)
         batch = TensorDict(
             {
-                "prompts": padded(0),
-                "responses": padded(1),
-                "input_ids": padded(2),
-                "attention_mask": padded(3),
-                "position_ids": padded(4),
+                key: torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=0)
+                for key, values in columns.items()
             },
-            batch_size=len(rows),
+            batch_size=len(samples),
         )
-        non_tensor = {key: _object_array([row[6][key] for row in rows]) for key in rows[0][6]}
+        non_tensor = {key: _object_array([kwargs[key] for _, kwargs in samples]) for key in samples[0][1]}
         non_tensor.update(
             {
-                "__num_turns__": np.array([row[5].num_turns for row in rows]),
-                "tool_extra_fields": _object_array([row[5].extra_fields for row in rows]),
-                "prompt_len": np.array([len(row[5].prompt_ids) for row in rows]),
-                "response_len": np.array([len(row[5].response_ids) for row in rows]),
+                "__num_turns__": np.array([output.num_turns for output in outputs]),
+                "tool_extra_fields": _object_array([output.extra_fields for output in outputs]),
+                "prompt_len": np.array([len(output.prompt_ids) for output in outputs]),
+                "response_len": np.array([len(output.response_ids) for output in outputs]),
             }
         )
         worker = random.choice(self.reward_loop_worker_handles)
