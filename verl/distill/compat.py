@@ -1,7 +1,7 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Nine things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Ten things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
@@ -15,7 +15,9 @@ engine registries, config ``_target_`` classes). Nine things have no extension p
 3. on a CPU, the worker process group is built as ``cpu:gloo,cpu:gloo`` (rejected by torch):
    the worker passes plain ``gloo``;
 4. on a CPU, the forward-only (reference / teacher) FSDP2 engine pins host memory, which needs an
-   accelerator: the offload policy is built unpinned;
+   accelerator: the offload policy is built unpinned; and the engine computes the sampled tokens'
+   log-probs with verl's portable fallback, one logits row at a time (a GPU's memory bound): it
+   computes them in blocks of rows (:mod:`verl.distill.token_log_probs`);
 5. the v1 trainer waits for finished rollouts in hard-coded 2-second sleeps, longer than a whole
    step of a small model: it polls every ``VERL_DISTILL_ROLLOUT_POLL_S`` seconds (default 0.05).
 6. ``resume_mode=auto`` trusts the checkpoint tracker file, which verl rewrites in place: a run
@@ -34,6 +36,10 @@ engine registries, config ``_target_`` classes). Nine things have no extension p
    same project and experiment name erased the metrics of every step before the resume: the file
    is opened for appending, and a resumed run's lines follow the earlier ones (after a kill, the
    steps re-run since the last checkpoint appear twice; the later line is the one that counts).
+10. the v1 trainer's model phases (old log-probs, reference pass, values, actor and critic
+   updates) read every field of the batch from TransferQueue, the dataset's columns included, which
+   no engine uses and which cost a quarter of a small model's step: those phases read the tensor
+   fields and the few per-sample objects an engine consumes (:mod:`verl.distill.phase_fields`).
 
 Each change is applied right after verl imports the module concerned (see
 :mod:`verl.distill.import_hooks`), only on the verl version it was written against, and checks
@@ -220,6 +226,14 @@ def _adapt_fsdp_engine(module: ModuleType) -> None:
 
     module.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
 
+    from verl.distill.token_log_probs import token_log_probs
+
+    _expect(
+        module.logprobs_from_logits.__module__ == "verl.utils.torch_functional",
+        "the FSDP engine no longer takes logprobs_from_logits from verl.utils.torch_functional",
+    )
+    module.logprobs_from_logits = token_log_probs
+
 
 ROLLOUT_POLL_ENV = "VERL_DISTILL_ROLLOUT_POLL_S"
 DEFAULT_ROLLOUT_POLL_S = 0.05
@@ -287,6 +301,23 @@ def _value_models_without_flash_attention(module: ModuleType) -> None:
     module.load_valuehead_model = load_valuehead_model
 
 
+MODEL_PHASES = ("_compute_old_log_prob", "_compute_ref_log_prob", "_compute_values", "_update_critic", "_update_actor")
+
+
+def _send_model_phases_their_fields(module: ModuleType) -> None:
+    require_supported_verl()
+    from verl.distill.phase_fields import send_model_fields_only
+
+    trainer_cls = module.PPOTrainer
+    for name in MODEL_PHASES:
+        phase = getattr(trainer_cls, name, None)
+        _expect(
+            phase is not None and "_wg." in inspect.getsource(phase) and "(batch)" in inspect.getsource(phase),
+            f"PPOTrainer.{name} no longer hands its batch meta to a worker group",
+        )
+        setattr(trainer_cls, name, send_model_fields_only(phase))
+
+
 def _wrap_driver_hook(module: ModuleType) -> None:
     require_supported_verl()
     from verl.distill.driver import check_command_line
@@ -346,6 +377,7 @@ def install() -> None:
     when_imported("verl.workers.engine_workers", _adapt_engine_workers)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _adapt_fsdp_engine)
     when_imported("verl.trainer.ppo.v1.replay_buffer", _poll_rollouts_promptly)
+    when_imported("verl.trainer.ppo.v1.trainer_base", _send_model_phases_their_fields)
     when_imported("verl.utils.model", _value_models_without_flash_attention)
     when_imported("verl.utils.checkpoint.checkpoint_manager", _resume_from_complete_checkpoints)
     when_imported("verl.utils.tracking", _append_file_metrics)
