@@ -402,7 +402,7 @@ def test_fsdp_run_is_merged_and_reports_agree(assets, tmp_path, monkeypatch, sav
     assert kl_points == ([2, 4], [teacher_copy, student_copy])
 
     # A second run reuses the merged folders instead of merging again.
-    monkeypatch.setattr(evaluation, "merge_fsdp_checkpoint", lambda *args: pytest.fail("merged again"))
+    monkeypatch.setattr(evaluation.checkpoints, "merge_fsdp_checkpoint", lambda *args: pytest.fail("merged again"))
     again = run_evaluation(
         config_for(
             tmp_path / "again",
@@ -481,8 +481,10 @@ def _missing_rank(root: Path, assets) -> Path:
 def test_bad_checkpoint_is_one_line_before_any_model_loads(
     assets, tmp_path, capsys, monkeypatch, make_checkpoint, message
 ):
-    monkeypatch.setattr(evaluation, "load_model", lambda *args: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(evaluation, "merge_fsdp_checkpoint", lambda *args: pytest.fail("a checkpoint was merged"))
+    monkeypatch.setattr(evaluation.cli, "load_model", lambda *args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(
+        evaluation.checkpoints, "merge_fsdp_checkpoint", lambda *args: pytest.fail("a checkpoint was merged")
+    )
     data_file = write_parquet(addition_rows(2), tmp_path / "data.parquet")
     bad = make_checkpoint(tmp_path, assets)
     # The good checkpoint first: nothing may be loaded for it either.
@@ -514,7 +516,7 @@ def test_shard_with_corrupt_content_is_one_line(assets, tmp_path, capsys):
 
 
 def test_teacher_with_another_tokenizer_is_one_line(assets, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluation, "load_model", lambda *args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(evaluation.cli, "load_model", lambda *args: pytest.fail("a model was loaded"))
     teacher = shutil.copytree(assets["teacher"], tmp_path / "teacher")
     byte_level_chatml_tokenizer(reverse_ids=True).save_pretrained(teacher)
     data_file = write_parquet(addition_rows(1), tmp_path / "data.parquet")

@@ -39,7 +39,8 @@ def test_text_model_phases_read_tensor_fields_only():
 
 
 def test_multimodal_model_phases_also_read_the_processor_inputs():
-    assert model_phase_fields(SCHEMA, multimodal=True) == ["input_ids", "responses", "ref_log_prob", "multi_modal_inputs"]
+    expected = ["input_ids", "responses", "ref_log_prob", "multi_modal_inputs"]
+    assert model_phase_fields(SCHEMA, multimodal=True) == expected
 
 
 def test_phase_reads_the_selected_fields_and_the_batch_is_restored():
