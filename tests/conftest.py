@@ -1,11 +1,81 @@
-"""Shared fixtures: tiny models and data built on the spot (no hub, no GPU)."""
+"""Shared fixtures: tiny models and data built on the spot (no hub, no GPU).
 
+Tests import verl-distill from the installed package (it installs next to verl's own files, which an
+editable install cannot do), so a checkout edited since the last install would be tested stale: the
+installed copy is compared with the checkout first and reinstalled when they differ.
+
+This test process is a CPU job and a distillation run, as the trainer's driver would mark the
+processes of such a run (``VERL_PLATFORM=cpu``, ``VERL_DISTILL_RUN=1``); trainer runs started by the
+tests get neither, so that their driver decides (:func:`tests.trainer_runs.run_trainer`).
+"""
+
+import importlib.metadata
+import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-import pytest
+os.environ["VERL_PLATFORM"] = "cpu"
+os.environ["VERL_DISTILL_RUN"] = "1"
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGED_SUFFIXES = (".py", ".yaml", ".jinja")
+REINSTALL_COMMAND = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", "--no-build-isolation"]
+
+
+def _installed_distribution():
+    """verl-distill as installed next to verl (not the build's egg-info a checkout on sys.path holds)."""
+    import importlib.util
+
+    verl = importlib.util.find_spec("verl")  # finds the package without importing it (and us with it)
+    site_packages = Path(verl.origin).parents[1]
+    return next(iter(importlib.metadata.distributions(name="verl-distill", path=[str(site_packages)])), None)
+
+
+def stale_installed_files(repo: Path = REPO) -> list[str]:
+    """Files under ``verl/`` where the installed verl-distill differs from the checkout."""
+    distribution = _installed_distribution()
+    if distribution is None:
+        return ["verl-distill is not installed"]
+    installed = {
+        str(file): file
+        for file in distribution.files or []
+        if str(file).startswith("verl/") and str(file).endswith(PACKAGED_SUFFIXES)
+    }
+    checkout = {
+        path.relative_to(repo).as_posix(): path
+        for path in (repo / "verl").rglob("*")
+        if path.is_file() and path.suffix in PACKAGED_SUFFIXES and "__pycache__" not in path.parts
+    }
+    stale = []
+    for name in sorted(checkout.keys() | installed.keys()):
+        if name not in installed:
+            stale.append(f"{name} (not installed)")
+        elif name not in checkout:
+            stale.append(f"{name} (deleted in the checkout)")
+        elif Path(installed[name].locate()).read_bytes() != checkout[name].read_bytes():
+            stale.append(f"{name} (edited)")
+    return stale
+
+
+def pytest_configure(config):
+    stale = stale_installed_files()
+    if not stale:
+        return
+    command = [*REINSTALL_COMMAND, str(REPO)]
+    print(f"verl-distill: the installed copy differs from the checkout ({', '.join(stale[:5])}"
+          f"{', ...' if len(stale) > 5 else ''}); reinstalling", file=sys.stderr)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or stale_installed_files():
+        pytest.exit(
+            f"the installed verl-distill is stale and reinstalling failed; run: {' '.join(command)}\n{result.stderr[-2000:]}",
+            returncode=4,
+        )
 
 
 @dataclass(frozen=True)

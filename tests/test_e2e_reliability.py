@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import pickle
 import resource
@@ -31,7 +30,9 @@ import torch
 from test_toy_task import TINY_SPEC as TINY_TOY_SPEC  # a build of seconds: a second builder arrives mid-build
 from trainer_runs import TINY_RUN, TrainerRun, run_trainer
 
-from verl.distill.checkpoints import TRACKER_NAME, checkpoint_problem, find_latest_complete_checkpoint
+from checkpoint_folders import cut_short
+
+from verl.distill.checkpoints import TRACKER_NAME, checkpoint_problem
 from verl.distill.toy.build import MANIFEST_NAME, cache_dir_name
 
 pytestmark = pytest.mark.slow
@@ -161,132 +162,6 @@ def test_bad_input_fails_in_one_line_before_ray_within_15_s(tiny_assets, tmp_pat
     # jobs on the machine stretch the wall time. The CPU time and load tell which one went wrong.
     load = os.getloadavg()[0]
     assert elapsed < BAD_INPUT_LIMIT_S, f"took {elapsed:.1f} s ({cpu:.1f} s of CPU; load average {load:.1f})"
-
-
-# --- find_latest_complete_checkpoint on hand-made folders -------------------------------------
-
-
-def _write_step(root: Path, step: int, world_size: int = 1, data: bool = True) -> Path:
-    """A ``global_step_<step>`` folder laid out as verl's FSDP trainer writes it."""
-    folder = root / f"global_step_{step}"
-    actor = folder / "actor"
-    actor.mkdir(parents=True)
-    for rank in range(world_size):
-        for kind in ("model", "optim", "extra_state"):
-            torch.save({"step": step, "rank": rank}, actor / f"{kind}_world_size_{world_size}_rank_{rank}.pt")
-    (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world_size}))
-    if data:
-        torch.save({"step": step}, folder / "data.pt")
-    return folder
-
-
-def _cut_short(file: Path) -> None:
-    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-
-
-def _track(root: Path, text: str) -> None:
-    (root / TRACKER_NAME).write_text(text)
-
-
-def test_a_complete_tracked_checkpoint_is_taken_and_newer_folders_ignored(tmp_path, caplog):
-    _write_step(tmp_path, 2)
-    _write_step(tmp_path, 4)
-    _write_step(tmp_path, 6)  # saved, but the run died before the tracker moved on
-    _track(tmp_path, "4")
-    with caplog.at_level(logging.WARNING):
-        assert find_latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "global_step_4")
-    assert caplog.records == []
-
-
-def test_an_empty_tracker_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
-    _write_step(tmp_path, 2)
-    _write_step(tmp_path, 4)
-    _cut_short(_write_step(tmp_path, 6) / "data.pt")
-    _track(tmp_path, "")  # killed between truncating the tracker and writing it
-    with caplog.at_level(logging.WARNING):
-        assert find_latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "global_step_4")
-    assert "holds ''" in caplog.text and "global_step_6: data.pt missing or cut short" in caplog.text
-
-
-def test_a_tracker_naming_a_half_written_folder_falls_back_to_an_older_complete_one(tmp_path, caplog):
-    _write_step(tmp_path, 2)
-    shutil.rmtree(_write_step(tmp_path, 4) / "actor")  # retention deleted the weights the tracker names
-    _write_step(tmp_path, 6, data=False)
-    _track(tmp_path, "4")
-    with caplog.at_level(logging.WARNING):
-        assert find_latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "global_step_2")
-    assert "names global_step_4, which is incomplete: no actor/ weights" in caplog.text
-    assert "global_step_6: newer than the tracker" in caplog.text
-
-
-def test_without_a_tracker_the_newest_complete_checkpoint_is_taken(tmp_path):
-    _write_step(tmp_path, 2)
-    _write_step(tmp_path, 10)
-    _cut_short(_write_step(tmp_path, 12) / "actor" / "model_world_size_1_rank_0.pt")
-    assert find_latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "global_step_10")
-
-
-@pytest.mark.parametrize(
-    "damage, problem",
-    [
-        pytest.param(
-            lambda folder: (folder / "actor" / "optim_world_size_2_rank_1.pt").unlink(),
-            "lacks optim shards of ranks [1]",
-            id="a rank's optimizer shard missing",
-        ),
-        pytest.param(
-            lambda folder: (folder / "actor" / "model_world_size_2_rank_0.pt").unlink(),
-            "lacks model shards of ranks [0]",
-            id="a rank's model shard missing",
-        ),
-        pytest.param(
-            lambda folder: [file.unlink() for file in (folder / "actor").glob("model_*")],
-            "has no model shards",
-            id="model shards deleted",
-        ),
-        pytest.param(
-            lambda folder: _cut_short(folder / "actor" / "extra_state_world_size_2_rank_1.pt"),
-            "extra_state_world_size_2_rank_1.pt is cut short",
-            id="a shard cut short",
-        ),
-        pytest.param(lambda folder: (folder / "data.pt").unlink(), "data.pt missing or cut short", id="no data.pt"),
-    ],
-)
-def test_a_damaged_two_rank_checkpoint_is_incomplete(tmp_path, damage, problem):
-    folder = _write_step(tmp_path, 2, world_size=2)
-    assert checkpoint_problem(folder) is None
-    damage(folder)
-    assert problem in checkpoint_problem(folder)
-    _track(tmp_path, "2")
-    assert find_latest_complete_checkpoint(str(tmp_path)) is None
-
-
-def test_nothing_to_resume_from_means_training_from_scratch(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING):
-        assert find_latest_complete_checkpoint(None) is None
-        assert find_latest_complete_checkpoint(str(tmp_path / "missing")) is None
-        assert find_latest_complete_checkpoint(str(tmp_path)) is None
-    assert caplog.records == []  # a fresh run is not a problem
-    _write_step(tmp_path, 2, data=False)
-    _track(tmp_path, "two")
-    with caplog.at_level(logging.WARNING):
-        assert find_latest_complete_checkpoint(str(tmp_path)) is None
-    assert "holds 'two'" in caplog.text and "training from scratch" in caplog.text
-
-
-def test_the_trainers_resolve_checkpoints_with_the_fallback():
-    # verl's trainers bind find_latest_ckpt_path at import time: the replacement must come first.
-    check = textwrap.dedent(
-        """
-        import verl.trainer.ppo.ray_trainer as legacy_trainer
-        import verl.trainer.ppo.v1.trainer_base as trainer_base
-        from verl.distill.checkpoints import find_latest_complete_checkpoint
-        assert trainer_base.find_latest_ckpt_path is find_latest_complete_checkpoint
-        assert legacy_trainer.find_latest_ckpt_path is find_latest_complete_checkpoint
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # --- trainer runs -----------------------------------------------------------------------------
@@ -476,7 +351,7 @@ def test_sigkill_after_a_checkpoint_resumes_with_the_same_data_order(two_runs_at
     # A later save cut short by a kill: weights half-written, no data.pt, tracker unchanged.
     half_written = killed.checkpoints / f"global_step_{resumed_from + SAVE_FREQ}"
     shutil.copytree(killed.checkpoints / f"global_step_{resumed_from}" / "actor", half_written / "actor")
-    _cut_short(half_written / "actor" / "model_world_size_1_rank_0.pt")
+    cut_short(half_written / "actor" / "model_world_size_1_rank_0.pt")
 
     launched = _launch(tmp_path, tiny_assets, "trainer.resume_mode=auto", name="resumed")
     resumed = launched.wait()

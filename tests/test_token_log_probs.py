@@ -39,7 +39,7 @@ def test_keeps_leading_dimensions_and_handles_no_rows():
 
 def test_cpu_engine_uses_it():
     import verl.distill.plugin  # noqa: F401
-    from verl.distill.cpu_platform import cpu_platform_active
+    from verl.distill.cpu_job import cpu_platform_active
 
     if not cpu_platform_active():
         pytest.fail("these tests run on the CPU backend")

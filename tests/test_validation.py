@@ -542,3 +542,37 @@ def test_hydra_arguments_are_split_into_config_name_and_overrides():
     )
     assert hydra_config_name_and_overrides(["-cn", "n"])[0] == "n"
     assert hydra_config_name_and_overrides(["--config-name=n"])[0] == "n"
+
+
+@pytest.mark.parametrize("long_file", ["long_prompts", "long_prompts_jsonl"])
+def test_prompt_lengths_are_checked_on_the_first_rows_only(files, long_file, monkeypatch, caplog):
+    """A multi-million-row file must not be tokenized on the driver: only its first rows are."""
+    import verl.distill.validation as validation
+
+    config = distillation_config(files, f"data.train_files={files[long_file]}", "data.max_prompt_length=5")
+    monkeypatch.setattr(validation, "PROMPT_CHECK_ROWS", 2)  # the 8-token prompt is row 2
+    with caplog.at_level("WARNING", logger="verl.distill.validation"):
+        validate_distillation_config(config)
+    assert f"prompt lengths of {files[long_file]} checked on its first 2 rows only" in caplog.text
+    monkeypatch.setattr(validation, "PROMPT_CHECK_ROWS", 3)
+    assert "row 2 has a prompt of 8 tokens" in refusal(config)
+
+
+@pytest.mark.parametrize(
+    "teacher",
+    ["Qwen/Qwen2.5-7B-Instruct", "hdfs://cluster/models/teacher", "s3://bucket/teacher"],
+    ids=["hub id", "hdfs", "s3"],
+)
+def test_a_teacher_only_the_workers_see_is_let_through_with_a_warning(files, teacher, caplog):
+    config = distillation_config(files, f"actor_rollout_ref.ref.model.path={teacher}")
+    with caplog.at_level("WARNING", logger="verl.distill.validation"):
+        validate_distillation_config(config)
+    assert f"{teacher} is not a local path on the driver" in caplog.text and "tokenizers is skipped" in caplog.text
+
+
+def test_a_student_only_the_workers_see_skips_the_tokenizer_checks_with_a_warning(files, caplog):
+    student = "hdfs://cluster/models/student"
+    config = distillation_config(files, f"actor_rollout_ref.model.path={student}")
+    with caplog.at_level("WARNING", logger="verl.distill.validation"):
+        validate_distillation_config(config)
+    assert f"actor_rollout_ref.model.path={student} is not a local path on the driver" in caplog.text

@@ -45,6 +45,9 @@ def run_trainer(workdir: Path, overrides: list[str], config_name: str = "ppo_tra
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_file = workdir / f"metrics-{len(list(workdir.glob('metrics-*.jsonl')))}.jsonl"
     env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_file), HYDRA_FULL_ERROR="0")
+    # the test process's own marks (conftest): the trainer's driver decides them for its run
+    for decided_by_the_driver in ("VERL_PLATFORM", "VERL_DISTILL_RUN"):
+        env.pop(decided_by_the_driver, None)
     command = [
         sys.executable,
         "-m",

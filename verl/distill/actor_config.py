@@ -8,6 +8,7 @@ refuse unknown keys, so the options need a field of their own.
 
 from dataclasses import dataclass, field
 
+from verl.distill.compat import require_distillation_run
 from verl.distill.loss_config import DistillLossConfig
 from verl.workers.config import FSDPActorConfig, McoreActorConfig
 
@@ -18,9 +19,17 @@ class FSDPDistillActorConfig(FSDPActorConfig):
 
     distill: DistillLossConfig = field(default_factory=DistillLossConfig)
 
+    def __post_init__(self):
+        super().__post_init__()
+        require_distillation_run()
+
 
 @dataclass
 class McoreDistillActorConfig(McoreActorConfig):
     """verl's Megatron actor config with the distillation loss options in ``distill``."""
 
     distill: DistillLossConfig = field(default_factory=DistillLossConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_distillation_run()

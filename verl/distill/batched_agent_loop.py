@@ -15,7 +15,12 @@ most of a toy step. :class:`BatchedAgentLoopWorker` runs the same agent loops (v
 
 What the trainer reads from TransferQueue (keys, fields, tags, statuses, their order per prompt) is
 what verl's worker writes. Selected through verl's extension point
-``actor_rollout_ref.rollout.agent.agent_loop_manager_class`` (the CPU default for the hf rollout).
+``actor_rollout_ref.rollout.agent.agent_loop_manager_class`` (the default of a CPU job).
+
+``_run_prompt``, ``_run_agent_loop`` and ``_agent_loop_postprocess`` re-implement verl's private
+methods of the same names, and the batched calls use private helpers of verl's worker and LLM
+client: :data:`VERL_CODE_RELIED_ON` pins each to the source it was written from, and importing this
+module on any other code fails with one line naming the method (and how to use verl's own loop).
 """
 
 import asyncio
@@ -30,16 +35,51 @@ import torch
 import transfer_queue as tq
 from tensordict import TensorDict
 
+from verl.distill.compat import require_supported_verl, require_unchanged
 from verl.distill.request_batching import BurstGatherer
-from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, DictConfigWrap, ToolListWrap, _agent_loop_registry
+from verl.experimental.agent_loop.agent_loop import (
+    AgentLoopOutput,
+    AgentLoopWorker,
+    DictConfigWrap,
+    ToolListWrap,
+    _agent_loop_registry,
+)
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 from verl.protocol import DataProto
-from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ, apply_greedy_sampling_params
+from verl.trainer.ppo.v1.agent_loop_tq import (
+    AgentLoopManagerTQ,
+    AgentLoopWorkerTQ,
+    _settle_session_tasks,
+    apply_greedy_sampling_params,
+)
 from verl.utils.profiler import simple_timer
+from verl.utils.rollout_trace import rollout_trace_attr
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.replica import TokenOutput
 
 logger = logging.getLogger(__name__)
+
+# verl declares its worker as a Ray actor class; the class it wraps is the one to extend
+_VERL_WORKER = AgentLoopWorkerTQ.__ray_actor_class__
+
+VERL_CODE_RELIED_ON = (
+    (_VERL_WORKER._run_prompt, "2adabe2def267da2"),
+    (_VERL_WORKER._agent_loop_postprocess, "5386c291e4db91dd"),
+    (_settle_session_tasks, "21a713e8560104b4"),
+    (AgentLoopWorker._run_agent_loop, "afb90a4a12333ee0"),
+    (AgentLoopWorker._compute_score, "3d35bd85469ef8c5"),
+    (LLMServerClient._acquire_server, "f2e3d5305b2bc601"),
+    (LLMServerClient._release_server, "293515c2c820f864"),
+)
+_USE_VERLS_AGENT_LOOP = (
+    "use verl's own agent loop (actor_rollout_ref.rollout.agent.agent_loop_manager_class="
+    "verl.trainer.ppo.v1.agent_loop_tq.AgentLoopManagerTQ) or the verl version verl-distill was written for"
+)
+
+require_supported_verl()
+for _function, _fingerprint in VERL_CODE_RELIED_ON:
+    require_unchanged(_function, _fingerprint, _USE_VERLS_AGENT_LOOP)
 
 class BatchedServerClient:
     """Stands in for verl's ``LLMServerClient`` towards the agent loops: text-only ``generate`` calls
@@ -81,8 +121,7 @@ class BatchedServerClient:
         return outputs
 
 
-# verl declares its worker as a Ray actor class; the class it wraps is the one to extend
-class BatchedAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
+class BatchedAgentLoopWorker(_VERL_WORKER):
     """``AgentLoopWorkerTQ`` whose remote calls are gathered per burst (see the module docstring)."""
 
     def __init__(self, *args, **kwargs):
@@ -97,9 +136,9 @@ class BatchedAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
         """The ``n`` sessions of one prompt; its status goes from "running" to "finished" or "failure"."""
         uid, validate = prompt["uid"], trajectory["validate"]
         partition_id = "val" if validate else "train"
-        errors: list[BaseException] = []
+        await self._status_puts.call((partition_id, uid, "running"))
+        sessions = []
         try:
-            await self._status_puts.call((partition_id, uid, "running"))
             config = self.config.actor_rollout_ref.rollout
             n = prompt.pop("__rollout_n__", config.val_kwargs.n if validate else config.n)
             do_sample = prompt.pop("__do_sample__", True)
@@ -107,26 +146,40 @@ class BatchedAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
             if not validate and not do_sample:
                 apply_greedy_sampling_params(session_params)
             sessions = [
-                self._run_agent_loop(session_params, trajectory=trajectory, session_id=index, **prompt)
+                asyncio.create_task(
+                    self._run_agent_loop(
+                        session_params, trajectory=trajectory, trace=trace, session_id=index, **prompt
+                    )
+                )
                 for index in range(n)
             ]
-            # the status is published once every session has settled, as verl's worker does
-            results = await asyncio.gather(*sessions, return_exceptions=True)
-            errors = [result for result in results if isinstance(result, BaseException)]
+            # the status is published once every session has settled, as verl's worker does, so that
+            # no session writes after the trainer has cleared a failed group
+            errors = await _settle_session_tasks(sessions)
         except Exception as error:
-            errors.append(error)
+            if sessions:
+                await _settle_session_tasks(sessions)
+            errors = [error]
         for error in errors:
             logger.error(f"agent loop failed for uid={uid}", exc_info=(type(error), error, error.__traceback__))
         await self._status_puts.call((partition_id, uid, "failure" if errors else "finished"))
 
     async def _run_agent_loop(
-        self, sampling_params: dict, trajectory: dict, *, agent_name: str, trace: bool = False, **kwargs
+        self, sampling_params: dict, trajectory: dict, *, agent_name: str, trace: bool = True, **kwargs
     ) -> None:
-        if agent_name not in _agent_loop_registry:
-            raise ValueError(f"agent loop {agent_name!r} is not registered; known: {sorted(_agent_loop_registry)}")
-        agent_loop = self._agent_loop(agent_name)
-        output = await agent_loop.run(sampling_params, **kwargs)
-        await self._agent_loop_postprocess(output, trajectory["validate"], **kwargs)
+        with rollout_trace_attr(
+            step=trajectory["step"],
+            sample_index=trajectory["sample_index"],
+            rollout_n=trajectory["rollout_n"],
+            validate=trajectory["validate"],
+            name="agent_loop",
+            trace=trace,
+        ):
+            if agent_name not in _agent_loop_registry:
+                raise ValueError(f"agent loop {agent_name!r} is not registered; known: {sorted(_agent_loop_registry)}")
+            agent_loop = self._agent_loop(agent_name)
+            output = await agent_loop.run(sampling_params, **kwargs)
+            await self._agent_loop_postprocess(output, trajectory["validate"], **kwargs)
 
     def _agent_loop(self, agent_name: str):
         if agent_name in self._stateless_agent_loops:

@@ -4,17 +4,22 @@ verl 0.9.1's trainer saves step N into ``<default_local_dir>/global_step_N/`` in
 role's shards (``actor/``, then ``critic/``), then the dataloader state ``data.pt``, and last it
 rewrites the tracker ``latest_checkpointed_iteration.txt`` in place with ``N``. The tracker is the
 commit mark: a folder newer than it was still being written when the run died, and verl ignores it.
-Two holes remain, and a run in either can never resume:
+But the tracker is rewritten by truncate-then-write: a kill in between leaves it empty, and verl's
+``find_latest_ckpt_path`` fails on ``int("")``, so the run can never resume.
 
-* the tracker is rewritten by truncate-then-write: a kill in between leaves it empty, and verl's
-  ``find_latest_ckpt_path`` fails on ``int("")``;
-* with ``max_actor_ckpt_to_keep=1`` the actor's retention deletes the previous ``actor/`` folder
-  before ``data.pt`` and the tracker of the new step exist: a kill then leaves a tracker naming a
-  folder without weights.
+:func:`find_latest_complete_checkpoint` keeps verl's contract and closes that hole:
 
-:func:`find_latest_complete_checkpoint` keeps verl's contract (the tracker first, folders newer
-than a readable tracker ignored) and, when the tracker is missing, unreadable or names an
-incomplete folder, falls back to the newest complete folder, warning about each folder it skips.
+* a tracker that parses, naming a folder that exists, is trusted as verl trusts it (the folder's
+  other ranks may live on other nodes' disks; a folder that really is broken fails loudly when verl
+  loads it), with a warning when this node sees it incomplete;
+* a tracker that parses but names a missing folder is an error: this node does not see the
+  checkpoints (no shared filesystem), and training from scratch would overwrite the run's progress;
+* only an unreadable (empty, garbled) or missing tracker makes it look for the newest complete
+  folder, warning about each folder it skips; if folders exist and none is complete it is an
+  error, never a silent restart from step 0.
+
+The errors name ``trainer.resume_mode`` and the folder, and the driver checks the same before Ray
+starts when it sees the folder (:func:`resume_problem`).
 """
 
 from __future__ import annotations
@@ -104,38 +109,70 @@ def _step_folders(root: Path, directory_format: str) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+class ResumeError(RuntimeError):
+    """Checkpoints exist but ``resume_mode=auto`` cannot tell which one to resume from."""
+
+
+_RESUME_FIXES = (
+    "set trainer.resume_mode=resume_path with trainer.resume_from_path=<a complete global_step_N folder>, "
+    "or trainer.resume_mode=disable to train from scratch"
+)
+
+
 def find_latest_complete_checkpoint(path, directory_format: str = "global_step_{}") -> str | None:
-    """The folder ``resume_mode=auto`` resumes from: the one the tracker names when it is complete,
-    else the newest complete ``directory_format`` folder (not newer than a readable tracker), else
-    None (train from scratch). Same signature and result type as verl's ``find_latest_ckpt_path``."""
+    """The folder ``resume_mode=auto`` resumes from, or None for a fresh run (see the module
+    docstring); raises :class:`ResumeError` instead of training from scratch when checkpoints exist.
+    Same signature and result type as verl's ``find_latest_ckpt_path``."""
     if path is None or not os.path.isdir(path):
         return None
     root = Path(path)
-    tracked_step, tracker_problem = _read_tracker(root / TRACKER_NAME)
+    tracker = root / TRACKER_NAME
+    tracked_step, tracker_problem = _read_tracker(tracker)
     if tracked_step is not None:
         tracked_folder = root / directory_format.format(tracked_step)
+        if not tracked_folder.is_dir():
+            raise ResumeError(
+                f"trainer.resume_mode=auto: the tracker {tracker} names {tracked_folder.name}, which this node "
+                f"does not see in {root} (checkpoints on another node's disk?); fix: run where every node sees "
+                f"the checkpoints (a shared filesystem), or {_RESUME_FIXES}"
+            )
         problem = checkpoint_problem(tracked_folder)
-        if problem is None:
-            return str(tracked_folder)
-        tracker_problem = f"names {tracked_folder.name}, which is incomplete: {problem}"
+        if problem is not None:
+            logger.warning("verl-distill: resuming from %s, which looks incomplete from this node: %s", tracked_folder, problem)
+        return str(tracked_folder)
 
     candidates = _step_folders(root, directory_format)
-    if tracker_problem == _NO_TRACKER and not candidates:
+    if not candidates:
+        if tracker_problem != _NO_TRACKER:
+            logger.warning("verl-distill: checkpoint tracker %s %s and no checkpoint folder: training from scratch", tracker, tracker_problem)
         return None  # a fresh run
     logger.warning(
-        "verl-distill: checkpoint tracker %s %s; looking for the newest complete checkpoint",
-        root / TRACKER_NAME,
-        tracker_problem,
+        "verl-distill: checkpoint tracker %s %s; looking for the newest complete checkpoint", tracker, tracker_problem
     )
-    for step, folder in candidates:
-        if tracked_step is not None and step >= tracked_step:
-            if step > tracked_step:
-                logger.warning("verl-distill: skipping %s: newer than the tracker (its save did not finish)", folder)
-            continue
+    skipped = []
+    for _step, folder in candidates:
         problem = checkpoint_problem(folder)
         if problem is None:
             logger.warning("verl-distill: resuming from %s", folder)
             return str(folder)
         logger.warning("verl-distill: skipping %s: %s", folder, problem)
-    logger.warning("verl-distill: no complete checkpoint in %s; training from scratch", root)
+        skipped.append(f"{folder.name}: {problem}")
+    raise ResumeError(
+        f"trainer.resume_mode=auto: {root} holds checkpoints but none is complete ({'; '.join(skipped)}) and its "
+        f"tracker {tracker_problem}; fix: {_RESUME_FIXES}"
+    )
+
+
+def resume_problem(config) -> str | None:
+    """Why ``resume_mode=auto`` could not resume this run, as seen from this process (the driver),
+    or None; checked before Ray starts so that the error is one line."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(config, "trainer.resume_mode") != "auto":
+        return None
+    folder = os.path.abspath(str(OmegaConf.select(config, "trainer.default_local_dir")))
+    try:
+        find_latest_complete_checkpoint(folder)
+    except ResumeError as error:
+        return str(error)
     return None

@@ -8,24 +8,26 @@ engine registries, config ``_target_`` classes). Ten things have no extension po
    distribution-level losses ``init_model`` then has the actor's engine hand the student's logits
    to that loss (verl's ``distillation_use_topk`` logits-processor path);
 2. the driver has no hook between composing the config and starting Ray: ``auto_set_device``
-   (called first by ``main_ppo.main``) is wrapped to adapt the config to a CPU machine and to
+   (called first by ``main_ppo.main``) is wrapped to decide whether the run is a CPU job
+   (:mod:`verl.distill.cpu_job`), adapt the config of a CPU job, mark a distillation run, and
    validate distillation settings while a mistake still costs nothing (overrides that Hydra itself
    would reject, such as FSDP keys given to the Megatron config, are checked on the command line
-   when this hook is installed, before Hydra composes);
-3. on a CPU, the worker process group is built as ``cpu:gloo,cpu:gloo`` (rejected by torch):
+   when this hook is installed, before Hydra composes). For a stock run with an accelerator it
+   calls verl's function and changes nothing;
+3. in a CPU job, the worker process group is built as ``cpu:gloo,cpu:gloo`` (rejected by torch):
    the worker passes plain ``gloo``;
-4. on a CPU, the forward-only (reference / teacher) FSDP2 engine pins host memory, which needs an
+4. in a CPU job, the forward-only (reference / teacher) FSDP2 engine pins host memory, which needs an
    accelerator: the offload policy is built unpinned; and the engine computes the sampled tokens'
    log-probs with verl's portable fallback, one logits row at a time (a GPU's memory bound): it
    computes them in blocks of rows (:mod:`verl.distill.token_log_probs`);
 5. the v1 trainer waits for finished rollouts in hard-coded 2-second sleeps, longer than a whole
    step of a small model: it polls every ``VERL_DISTILL_ROLLOUT_POLL_S`` seconds (default 0.05).
-6. ``resume_mode=auto`` trusts the checkpoint tracker file, which verl rewrites in place: a run
-   killed mid-write leaves it empty and can never resume (``int("")``), and one killed after
-   retention deleted the tracked weights fails loading them. ``find_latest_ckpt_path`` is
-   replaced by one that falls back to the newest complete checkpoint
-   (:mod:`verl.distill.checkpoints`); it is bound before the trainers import the name;
-7. on a CPU, the critic's value model is loaded with flash-attention hard-coded (ignoring
+6. ``resume_mode=auto`` reads the checkpoint tracker file, which verl rewrites in place: a run
+   killed mid-write leaves it empty and can never resume (``int("")``). ``find_latest_ckpt_path``
+   is replaced by one that trusts a readable tracker, falls back to the newest complete checkpoint
+   only when the tracker is unreadable, and never silently trains from scratch when checkpoints
+   exist (:mod:`verl.distill.checkpoints`); it is bound before the trainers import the name;
+7. in a CPU job, the critic's value model is loaded with flash-attention hard-coded (ignoring
    ``override_config``): it is loaded with sdpa;
 8. the reference pass returns only the teacher's log-prob of each sampled token, but the
    distribution-level losses need its top-k distribution: for those losses ``init_model`` wraps
@@ -42,14 +44,19 @@ engine registries, config ``_target_`` classes). Ten things have no extension po
    those phases read the tensor fields and the few per-sample objects an engine consumes
    (:mod:`verl.distill.phase_fields`).
 
-Each change is applied right after verl imports the module concerned (see
-:mod:`verl.distill.import_hooks`), only on the verl version it was written against, and checks
-that the code it replaces is still what it expects; anything else fails loudly.
+Each change applies only to the runs it is for (:data:`ADAPTATIONS`: a CPU job, a distillation
+run, the trainer's driver process), so installing verl-distill leaves every other verl run, a GPU
+PPO run in particular, with verl's own code. It is applied right after verl imports the module
+concerned (see :mod:`verl.distill.import_hooks`), only on the verl version it was written against,
+and checks that the code it replaces is still what it expects; anything else fails loudly.
 """
 
 import functools
 import inspect
 import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 from verl.distill import SUPPORTED_VERL_VERSION
@@ -62,15 +69,41 @@ class UnsupportedVerlError(RuntimeError):
     """verl's code differs from what a run-time adaptation of verl-distill was written against."""
 
 
-def require_supported_verl() -> None:
+def installed_verl_version() -> str:
     import verl
 
-    version = getattr(verl, "__version__", "unknown")
+    return getattr(verl, "__version__", "unknown")
+
+
+def unsupported_verl_message(version: str) -> str:
+    return (
+        f"verl-distill supports verl=={SUPPORTED_VERL_VERSION} only, found verl {version}; "
+        f"fix: install verl=={SUPPORTED_VERL_VERSION} or a verl-distill release made for verl {version}"
+    )
+
+
+def require_supported_verl() -> None:
+    version = installed_verl_version()
     if version != SUPPORTED_VERL_VERSION:
-        raise UnsupportedVerlError(
-            f"verl-distill supports verl=={SUPPORTED_VERL_VERSION} only, found verl {version}: "
-            f"install verl=={SUPPORTED_VERL_VERSION} or a verl-distill release made for verl {version}"
-        )
+        raise UnsupportedVerlError(unsupported_verl_message(version))
+
+
+def source_fingerprint(function: Callable) -> str:
+    """A short hash of a function's source: equal only for the code a fork was written from."""
+    import hashlib
+    import textwrap
+
+    return hashlib.sha256(textwrap.dedent(inspect.getsource(function)).encode()).hexdigest()[:16]
+
+
+def require_unchanged(function: Callable, fingerprint: str, fix: str) -> None:
+    """Fail loudly unless verl's ``function`` is the code verl-distill re-implements or relies on."""
+    actual = source_fingerprint(function)
+    _expect(
+        actual == fingerprint,
+        f"{function.__module__}.{function.__qualname__} is not the code verl-distill was written against "
+        f"(source fingerprint {actual}, expected {fingerprint}); fix: {fix}",
+    )
 
 
 def _expect(condition: bool, what: str) -> None:
@@ -197,25 +230,26 @@ def _adapt_engine_workers(module: ModuleType) -> None:
 
     module.ActorRolloutRefWorker.init_model = init_model
 
-    from verl.distill.cpu_platform import cpu_platform_active
 
+
+def _gloo_process_group_on_cpu(module: ModuleType) -> None:
+    require_supported_verl()
     original_init_group = module.initialize_global_process_group_ray
+    _expect(
+        list(inspect.signature(original_init_group).parameters) == ["timeout_second", "backend"]
+        and 'backend or f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"' in inspect.getsource(original_init_group),
+        "initialize_global_process_group_ray(timeout_second, backend) no longer defaults to cpu:gloo,<device>:<backend>",
+    )
 
     @functools.wraps(original_init_group)
     def initialize_process_group(timeout_second=None, backend=None):
-        if backend is None and cpu_platform_active():
-            backend = "gloo"
-        return original_init_group(timeout_second=timeout_second, backend=backend)
+        return original_init_group(timeout_second=timeout_second, backend=backend or "gloo")
 
     module.initialize_global_process_group_ray = initialize_process_group
 
 
 def _adapt_fsdp_engine(module: ModuleType) -> None:
     require_supported_verl()
-    from verl.distill.cpu_platform import cpu_platform_active
-
-    if not cpu_platform_active():
-        return
     pinned_policy = module.CPUOffloadPolicy
     _expect(pinned_policy is not None, "FSDP2 CPUOffloadPolicy is missing")
 
@@ -242,7 +276,6 @@ DEFAULT_ROLLOUT_POLL_S = 0.05
 
 def _poll_rollouts_promptly(module: ModuleType) -> None:
     require_supported_verl()
-    import os
 
     stock_buffer = module.ReplayBuffer
     _expect(
@@ -277,10 +310,6 @@ def _resume_from_complete_checkpoints(module: ModuleType) -> None:
 
 def _value_models_without_flash_attention(module: ModuleType) -> None:
     require_supported_verl()
-    from verl.distill.cpu_platform import cpu_platform_active
-
-    if not cpu_platform_active():
-        return
     flash_loader = module.load_valuehead_model
     _expect(
         inspect.getsource(flash_loader).count('attn_implementation="flash_attention_2"') == 2,
@@ -327,24 +356,26 @@ def _wrap_driver_hook(module: ModuleType) -> None:
     # message: the trainer's own command line is checked now, while ``import verl`` loads us.
     check_command_line()
     original_auto_set_device = module.auto_set_device
-    if getattr(original_auto_set_device, "_verl_distill", False):
-        return
+    _expect(
+        list(inspect.signature(original_auto_set_device).parameters) == ["config"]
+        and "get_platform().device_name" in inspect.getsource(original_auto_set_device),
+        "auto_set_device(config) no longer sets trainer.device from the platform",
+    )
 
     @functools.wraps(original_auto_set_device)
     def auto_set_device(config) -> None:
-        original_auto_set_device(config)
-        from verl.distill.driver import prepare_trainer_config
+        from verl.distill.driver import choose_platform, prepare_trainer_config
 
+        # the platform first: verl's function rewrites trainer.device to the platform it resolves
+        choose_platform(config)
+        original_auto_set_device(config)
         prepare_trainer_config(config)
 
-    auto_set_device._verl_distill = True
     module.auto_set_device = auto_set_device
 
 
 def _append_file_metrics(module: ModuleType) -> None:
     require_supported_verl()
-    import os
-
     stock_logger = module.FileLogger
     stock_init = inspect.getsource(stock_logger.__init__)
     _expect(
@@ -371,14 +402,137 @@ def _append_file_metrics(module: ModuleType) -> None:
     module.FileLogger = AppendingFileLogger
 
 
+DISTILLATION_RUN_ENV = "VERL_DISTILL_RUN"
+
+
+def distillation_run() -> bool:
+    """True in every process of a run whose config selects distillation: the driver marks the Ray job
+    with ``VERL_DISTILL_RUN=1`` (:func:`verl.distill.driver.prepare_trainer_config`)."""
+    return os.environ.get(DISTILLATION_RUN_ENV) == "1"
+
+
+class DistillationRunNotMarkedError(RuntimeError):
+    """A distillation config reached a process of a run the driver did not mark as distillation."""
+
+
+def require_distillation_run() -> None:
+    """Refuse to build a distillation config in a process without the distillation adaptations,
+    where the actor would silently train with verl's PPO loss instead of the distillation loss."""
+    if not distillation_run():
+        raise DistillationRunNotMarkedError(
+            f"verl-distill: this process builds a distillation config but its run is not marked with "
+            f"{DISTILLATION_RUN_ENV}=1, so verl's PPO loss would replace the distillation loss; start the "
+            f"run with python -m verl.trainer.main_ppo (its driver marks it), or set "
+            f"ray_kwargs.ray_init.runtime_env.env_vars.{DISTILLATION_RUN_ENV}=1"
+        )
+
+
+def _cpu_job() -> bool:
+    from verl.distill.cpu_job import cpu_platform_active
+
+    return cpu_platform_active()
+
+
+def _trainer_driver() -> bool:
+    import sys
+
+    from verl.distill.driver import trainer_arguments
+
+    return trainer_arguments(sys.orig_argv) is not None
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """One change of verl's behaviour: in which verl module, which names it replaces there, and the
+    condition (checked in each process when verl imports the module) under which it applies."""
+
+    module: str
+    replaces: tuple[str, ...]
+    condition: str
+    applies: Callable[[], bool]
+    adapt: Callable[[ModuleType], None]
+
+
+# The docs' table of run-time adaptations (docs/algo/distillation.md) lists these rows.
+ADAPTATIONS: tuple[Adaptation, ...] = (
+    Adaptation(
+        "verl.utils.device",
+        ("auto_set_device",),
+        "the driver process of python -m verl.trainer.main_ppo",
+        _trainer_driver,
+        _wrap_driver_hook,
+    ),
+    Adaptation(
+        "verl.workers.engine_workers",
+        ("ppo_loss", "ActorRolloutRefWorker.init_model"),
+        "distillation run",
+        distillation_run,
+        _adapt_engine_workers,
+    ),
+    Adaptation(
+        "verl.workers.engine_workers",
+        ("initialize_global_process_group_ray",),
+        "CPU job",
+        _cpu_job,
+        _gloo_process_group_on_cpu,
+    ),
+    Adaptation(
+        "verl.workers.engine.fsdp.transformer_impl",
+        ("CPUOffloadPolicy", "logprobs_from_logits"),
+        "CPU job",
+        _cpu_job,
+        _adapt_fsdp_engine,
+    ),
+    Adaptation(
+        "verl.trainer.ppo.v1.replay_buffer",
+        ("ReplayBuffer",),
+        "CPU job",
+        _cpu_job,
+        _poll_rollouts_promptly,
+    ),
+    Adaptation(
+        "verl.trainer.ppo.v1.trainer_base",
+        tuple(f"PPOTrainer.{phase}" for phase in MODEL_PHASES),
+        "CPU job",
+        _cpu_job,
+        _send_model_phases_their_fields,
+    ),
+    Adaptation(
+        "verl.utils.model",
+        ("load_valuehead_model",),
+        "CPU job",
+        _cpu_job,
+        _value_models_without_flash_attention,
+    ),
+    Adaptation(
+        "verl.utils.checkpoint.checkpoint_manager",
+        ("find_latest_ckpt_path",),
+        "distillation run or CPU job",
+        lambda: distillation_run() or _cpu_job(),
+        _resume_from_complete_checkpoints,
+    ),
+    Adaptation(
+        "verl.utils.tracking",
+        ("FileLogger",),
+        "distillation run or CPU job",
+        lambda: distillation_run() or _cpu_job(),
+        _append_file_metrics,
+    ),
+)
+
+
+def _applied_when_due(adaptation: Adaptation) -> Callable[[ModuleType], None]:
+    def apply(module: ModuleType) -> None:
+        if adaptation.applies():
+            adaptation.adapt(module)
+
+    apply.__qualname__ = adaptation.adapt.__qualname__
+    return apply
+
+
 def install() -> None:
-    """Register every run-time adaptation; each applies when verl imports the module concerned."""
+    """Register every run-time adaptation; each applies, where its condition holds, when verl
+    imports the module concerned."""
     require_supported_verl()
-    when_imported("verl.utils.device", _wrap_driver_hook)
-    when_imported("verl.workers.engine_workers", _adapt_engine_workers)
-    when_imported("verl.workers.engine.fsdp.transformer_impl", _adapt_fsdp_engine)
-    when_imported("verl.trainer.ppo.v1.replay_buffer", _poll_rollouts_promptly)
-    when_imported("verl.trainer.ppo.v1.trainer_base", _send_model_phases_their_fields)
-    when_imported("verl.utils.model", _value_models_without_flash_attention)
-    when_imported("verl.utils.checkpoint.checkpoint_manager", _resume_from_complete_checkpoints)
-    when_imported("verl.utils.tracking", _append_file_metrics)
+    for adaptation in ADAPTATIONS:
+        when_imported(adaptation.module, _applied_when_due(adaptation))

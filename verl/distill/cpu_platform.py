@@ -1,9 +1,11 @@
 """A ``cpu`` platform for verl's platform registry: train with gloo on machines without an accelerator.
 
 verl 0.9.1 knows only accelerator platforms and falls back to ``nvidia`` on a CPU machine, which
-ends in "Distributed package doesn't have NCCL built in". This platform is picked by verl's
-auto-detection when no accelerator is visible (it is registered after the built-in ones) or
-explicitly with ``VERL_PLATFORM=cpu``.
+ends in "Distributed package doesn't have NCCL built in". This platform is selected only with
+``VERL_PLATFORM=cpu``, never by verl's per-process auto-detection: a process without an accelerator
+is not a CPU job (the driver of a GPU job on a CPU head node, a reward worker on a CPU-only node).
+The trainer's driver decides whether the run is a CPU job (:mod:`verl.distill.cpu_job`) and hands
+``VERL_PLATFORM=cpu`` to every Ray process of that job.
 
 verl calls ``get_torch_device().<fn>`` for memory statistics, RNG state, streams and cache
 control; :class:`CPUDeviceModule` answers those calls the way a single-device accelerator with
@@ -18,14 +20,6 @@ import psutil
 import torch
 
 from verl.plugin.platform import PlatformBase, PlatformRegistry
-
-
-def accelerator_present() -> bool:
-    """True when torch sees a CUDA/ROCm GPU or an Ascend NPU in this process."""
-    if torch.cuda.is_available():
-        return True
-    npu = getattr(torch, "npu", None)
-    return bool(npu is not None and npu.is_available())
 
 
 class CPUDeviceModule:
@@ -166,7 +160,8 @@ class PlatformCPU(PlatformBase):
         return True
 
     def is_platform_available(self, use_smi_check: bool = False) -> bool:
-        return not accelerator_present()
+        # Only VERL_PLATFORM=cpu selects this platform (see the module docstring).
+        return False
 
     def current_device(self) -> str:
         # verl moves tensors with `.to(get_device_id())`: an int would mean an accelerator index.
@@ -224,11 +219,3 @@ class PlatformCPU(PlatformBase):
 
     def cudart(self) -> Any:
         return None
-
-
-def cpu_platform_active() -> bool:
-    """True when verl resolved (or will resolve) its platform to this one."""
-    from verl.plugin.platform import get_platform
-
-    return get_platform().device_name == "cpu"
-

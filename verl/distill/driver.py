@@ -2,8 +2,10 @@
 
 ``check_command_line`` runs when verl-distill is loaded (see :mod:`verl.distill.compat`), before
 Hydra composes the config: it refuses what Hydra would reject with a multi-line message of its own
-(FSDP settings given to the Megatron config). ``prepare_trainer_config`` runs inside
-``main_ppo.main`` on the composed config: it adapts the config to a CPU machine and validates
+(FSDP settings given to the Megatron config). Inside ``main_ppo.main``, on the composed config,
+``choose_platform`` decides whether the run is a CPU job (:mod:`verl.distill.cpu_job`) before verl
+resolves its device, and ``prepare_trainer_config`` adapts a CPU job's config, marks a distillation
+run for every Ray process of the job (:func:`verl.distill.compat.distillation_run`) and validates
 distillation settings. Either way a mistake is reported as one line naming the key and the fix,
 with a non-zero exit, seconds after the command was typed instead of as a Ray traceback minutes later.
 """
@@ -16,7 +18,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from verl.distill.cpu_defaults import CPUConfigError, adapt_config_for_cpu, explicit_override_keys, override_keys
-from verl.distill.cpu_platform import cpu_platform_active
+from verl.distill.cpu_job import accelerator_present, cpu_platform_active
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +63,10 @@ def _command_line_overrides() -> list[str]:
 
 
 def _config_errors() -> tuple[type[Exception], ...]:
+    from verl.distill.checkpoints import ResumeError
     from verl.distill.validation import DistillConfigError
 
-    return (CPUConfigError, DistillConfigError)
+    return (CPUConfigError, DistillConfigError, ResumeError)
 
 
 def _exit_with_config_error(error: Exception) -> None:
@@ -91,20 +94,96 @@ def check_command_line() -> None:
         _exit_with_config_error(error)
 
 
+def _is_trainer_config(config) -> bool:
+    # not a trainer config: a generation or evaluation script calling auto_set_device
+    return isinstance(config, DictConfig) and "actor_rollout_ref" in config
+
+
+def choose_platform(config: DictConfig) -> None:
+    """Switch the CPU backend on for a CPU job, in this process and every Ray process of the job."""
+    if not _is_trainer_config(config):
+        return
+    from verl.distill.cpu_job import PLATFORM_ENV, activate_cpu_platform, decide_cpu_job
+
+    decision = decide_cpu_job(config, explicit_override_keys(_command_line_overrides()))
+    if decision.is_cpu_job:
+        activate_cpu_platform(config)
+    elif not accelerator_present() and not os.environ.get(PLATFORM_ENV):
+        logger.warning(
+            "verl-distill: no accelerator on this machine, but %s: the config is left as it is "
+            "(add trainer.device=cpu to run this job on the CPU)",
+            decision.reason,
+        )
+
+
+# what on a trainer's command line asks for distillation or the CPU backend, verl's config untouched
+DISTILLATION_CONFIG_PREFIX = "distillation"
+DISTILLATION_OVERRIDES = ("actor_rollout_ref.ref.model.", "actor_rollout_ref.actor.distill.")
+DISTILLATION_SETTINGS = ("reward.reward_manager.name=distillation",)
+CPU_SETTINGS_ON_COMMAND_LINE = ("trainer.device=cpu",)
+
+
+def _asks_for_verl_distill(config_name: Optional[str], overrides: list[str]) -> Optional[str]:
+    if os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu":
+        return "VERL_PLATFORM=cpu"
+    if config_name and config_name.startswith(DISTILLATION_CONFIG_PREFIX):
+        return f"--config-name={config_name}"
+    for override in overrides:
+        setting = override.lstrip("+~")
+        if setting.startswith(DISTILLATION_OVERRIDES) or setting in DISTILLATION_SETTINGS + CPU_SETTINGS_ON_COMMAND_LINE:
+            return setting
+    return None
+
+
+def refuse_unsupported_verl(version: str) -> None:
+    """On a verl verl-distill was not written for: stop the trainer's driver of a run that asks for
+    distillation or the CPU backend, with one line; anything else runs as stock verl."""
+    from verl.distill.compat import unsupported_verl_message
+
+    arguments = trainer_arguments(sys.orig_argv)
+    if arguments is None:
+        return
+    asked_by = _asks_for_verl_distill(*hydra_config_name_and_overrides(arguments))
+    if asked_by is not None:
+        _exit_with_config_error(ValueError(f"{asked_by} needs verl-distill, but {unsupported_verl_message(version)}"))
+
+
 def prepare_trainer_config(config: DictConfig) -> None:
-    if not isinstance(config, DictConfig) or "actor_rollout_ref" not in config:
-        return  # not a trainer config (e.g. a generation or evaluation script)
+    if not _is_trainer_config(config):
+        return
     try:
         if cpu_platform_active():
             changes = adapt_config_for_cpu(config, explicit_override_keys(_command_line_overrides()))
             if changes:
                 logger.warning(
-                    "verl-distill: no accelerator found, adapted the config for the CPU: %s "
+                    "verl-distill: CPU job, adapted the config for the CPU: %s "
                     "(set any of these explicitly to override)",
                     ", ".join(changes),
                 )
-        from verl.distill.validation import validate_distillation_config
+        from verl.distill.validation import selects_distillation, validate_distillation_config
 
         validate_distillation_config(config)
+        if selects_distillation(config):
+            _mark_distillation_run(config)
+        if selects_distillation(config) or cpu_platform_active():
+            _check_resumable(config)
     except _config_errors() as error:
         _exit_with_config_error(error)
+
+
+def _check_resumable(config: DictConfig) -> None:
+    """verl-distill's resume rule (:mod:`verl.distill.checkpoints`) applies to this run: an error it
+    would raise in the TaskRunner is raised here, as one line, when the driver sees the folder."""
+    from verl.distill.checkpoints import ResumeError, resume_problem
+
+    problem = resume_problem(config)
+    if problem is not None:
+        raise ResumeError(problem)
+
+
+def _mark_distillation_run(config: DictConfig) -> None:
+    from verl.distill.compat import DISTILLATION_RUN_ENV
+    from verl.distill.cpu_job import set_job_env_var
+
+    os.environ[DISTILLATION_RUN_ENV] = "1"
+    set_job_env_var(config, DISTILLATION_RUN_ENV, "1")

@@ -8,6 +8,10 @@ modules happen when verl imports those modules, so a Ray process pays only for w
 verl logs a failing plugin at DEBUG level and carries on, which would surface much later as
 "Unknown reward manager" or "Rollout hf not found"; a failure here is logged as an error and
 re-raised.
+
+On a verl other than the one verl-distill was written for, nothing is registered or adapted, so
+every verl run of that environment is stock verl; only the trainer's driver of a run that asks for
+distillation or the CPU backend stops, with one line (:func:`verl.distill.driver.refuse_unsupported_verl`).
 """
 
 import logging
@@ -54,7 +58,16 @@ def _register_opd_estimator(_core_algos) -> None:
 
 
 def register_all() -> None:
-    from verl.distill import compat, cpu_platform  # noqa: F401  (cpu_platform registers "cpu")
+    from verl.distill import SUPPORTED_VERL_VERSION, compat
+
+    version = compat.installed_verl_version()
+    if version != SUPPORTED_VERL_VERSION:
+        from verl.distill.driver import refuse_unsupported_verl
+
+        refuse_unsupported_verl(version)
+        return
+
+    from verl.distill import cpu_platform  # noqa: F401  (registers the "cpu" platform)
 
     compat.install()
     when_imported("verl.workers.rollout.replica", _register_hf_replica)

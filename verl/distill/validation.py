@@ -6,13 +6,16 @@ student or a teacher with another tokenizer trains without an error against a me
 file) and the fix. It checks only configs that select distillation (a distillation loss mode, the
 ``distillation`` reward manager, or a teacher in ``actor_rollout_ref.ref.model.path``); the rest is left to
 verl. Cheap checks run first; those that load the tokenizers (the tokenizer comparison, ``distill.topk``
-against the vocabulary, the prompt lengths) last.
+against the vocabulary, the prompt lengths of the first rows) last. A model or data location the
+driver cannot open (a hub id, ``hdfs://``, ``s3://``) is let through with a warning: only the workers
+may see it.
 
 :func:`refuse_fsdp_settings_on_megatron` checks the command line before Hydra composes it: Hydra
 rejects an FSDP key given to the Megatron config with a multi-line message of its own.
 """
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ from verl.distill.teacher import (
     student_lora_setting,
     unknown_teacher_model_keys,
 )
+
+logger = logging.getLogger(__name__)
 
 DISTILLATION_REWARD_MANAGER = "distillation"
 
@@ -47,6 +52,9 @@ DATA_SPLITS = (("data.train_files", "data.train_max_samples"), ("data.val_files"
 # Prompts rendered and tokenized per batch: large enough for batch tokenization, small enough to stop
 # soon after the first prompt that is too long.
 PROMPT_BATCH_ROWS = 4096
+# Prompts measured per data split on the driver (the first rows): a few seconds of tokenizing, where a
+# multi-million-row file would take minutes before Ray even starts.
+PROMPT_CHECK_ROWS = 20_000
 
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -441,7 +449,8 @@ def _check_data_files(config: DictConfig, key: str) -> None:
 def _data_file_problem(file: str, prompt_key: str) -> Optional[tuple[str, str]]:
     """What is wrong with a data file for verl's RL dataset, and the fix; None if nothing."""
     if "://" in file:
-        return None  # remote (hdfs, s3, ...): verl copies it to local disk itself
+        logger.warning("verl-distill: data file %s is remote; it is checked when verl copies it to the workers", file)
+        return None
     path = os.path.expanduser(file)
     if not os.path.exists(path):
         return "does not exist", "point the key at an existing file (a list is allowed: [a.parquet,b.parquet])"
@@ -515,11 +524,25 @@ def _tokenizer_location(config: DictConfig, model_key: str) -> str:
     return os.path.expanduser(str(_get(config, f"{model_key}.tokenizer_path") or _get(config, f"{model_key}.path")))
 
 
+def _only_workers_see(location: str) -> bool:
+    """A model location the driver cannot open: a remote URL (hdfs://, s3://, ...) or a hub id that
+    is not a local folder (the driver may have no hub access; workers download or copy it)."""
+    return "://" in location or (not os.path.exists(location) and bool(_HUB_REPO_ID.match(location)))
+
+
+def _warn_unchecked(key: str, location: str, checks: str) -> None:
+    logger.warning(
+        "verl-distill: %s=%s is not a local path on the driver; %s skipped (the workers load it)", key, location, checks
+    )
+
+
 def _check_tokenizers(config: DictConfig) -> None:
     student = _tokenizer_location(config, "actor_rollout_ref.model")
     teacher = _tokenizer_location(config, "actor_rollout_ref.ref.model")
-    if "://" in student or "://" in teacher:
-        return  # remote: compared only after verl copies it, in the workers
+    for key, location in (("actor_rollout_ref.model.path", student), (TEACHER_PATH_KEY, teacher)):
+        if _only_workers_see(location):
+            _warn_unchecked(key, location, "the comparison of the teacher's and the student's tokenizers is")
+            return
     student_trust = bool(_get(config, "actor_rollout_ref.model.trust_remote_code"))
     teacher_trust = _get(config, "actor_rollout_ref.ref.model.trust_remote_code")
     try:
@@ -547,7 +570,8 @@ def _check_tokenizers(config: DictConfig) -> None:
 def _student_tokenizer(config: DictConfig):
     """The student's tokenizer as verl's trainer loads it for the dataset and the rollout; None if remote."""
     location = _tokenizer_location(config, "actor_rollout_ref.model")
-    if "://" in location:
+    if _only_workers_see(location):
+        _warn_unchecked("actor_rollout_ref.model.path", location, "the top-k and prompt-length checks are")
         return None
     from transformers import AutoTokenizer
 
@@ -606,11 +630,20 @@ def _check_prompt_lengths(config: DictConfig, tokenizer) -> None:
         max_samples = int(_get(config, max_samples_key) or -1)
         # verl keeps the first max_samples rows of the split, or a random choice of them when shuffling
         rows_left = max_samples if max_samples > 0 and not _get(config, "data.shuffle") else None
+        rows_left = PROMPT_CHECK_ROWS if rows_left is None else min(rows_left, PROMPT_CHECK_ROWS)
         for file in _as_list(_get(config, files_key)):
-            if "://" in str(file) or rows_left == 0:
+            if "://" in str(file):
+                continue
+            if rows_left == 0:
+                logger.warning(
+                    "verl-distill: %s: prompt lengths checked on the first %d rows only; %s is not checked",
+                    files_key,
+                    PROMPT_CHECK_ROWS,
+                    file,
+                )
                 continue
             try:
-                prompts = _text_prompts(os.path.expanduser(str(file)), prompt_key, media_keys)
+                prompts = _text_prompts(os.path.expanduser(str(file)), prompt_key, media_keys, rows_left)
             except Exception as error:  # a row past the first that verl's loader could not read either
                 raise DistillConfigError(
                     f"{files_key} ({file})",
@@ -619,31 +652,57 @@ def _check_prompt_lengths(config: DictConfig, tokenizer) -> None:
                 ) from None
             if prompts is None:
                 continue  # images, videos or audio: verl measures them with the processor, and fails itself
-            if rows_left is not None:
-                prompts = prompts[:rows_left]
-                rows_left -= len(prompts)
+            rows_left -= len(prompts)
             problem = _overlong_prompt_problem(tokenizer, prompts, max_length, options)
             if problem is not None:
                 raise DistillConfigError(f"{files_key} ({file})", *problem)
 
 
-def _text_prompts(path: str, prompt_key: str, media_keys: list[str]) -> Optional[list]:
-    """The prompt of every row of a data file; None if its rows carry images, videos or audio."""
+def _text_prompts(path: str, prompt_key: str, media_keys: list[str], max_rows: int) -> Optional[list]:
+    """The prompts of the first ``max_rows`` rows of a data file; None if its rows carry images,
+    videos or audio. Reads no further than those rows (a JSON array is parsed whole)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        if set(media_keys) & set(pq.ParquetFile(path).schema_arrow.names):
+        parquet_file = pq.ParquetFile(path)
+        if set(media_keys) & set(parquet_file.schema_arrow.names):
             return None
-        return pq.read_table(path, columns=[prompt_key]).column(prompt_key).to_pylist()
+        prompts = []
+        for batch in parquet_file.iter_batches(batch_size=min(max_rows, PROMPT_BATCH_ROWS), columns=[prompt_key]):
+            prompts.extend(batch.column(prompt_key).to_pylist()[: max_rows - len(prompts)])
+            if len(prompts) >= max_rows:
+                break
+        _warn_if_sampled(path, len(prompts), parquet_file.metadata.num_rows > len(prompts))
+        return prompts
     with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if text.lstrip().startswith("["):
-        records = json.loads(text)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        first = handle.read(1)
+        while first.isspace():
+            first = handle.read(1)
+        handle.seek(0)
+        if first == "[":
+            records = json.load(handle)
+            more_rows = len(records) > max_rows
+            records = records[:max_rows]
+        else:
+            records, more_rows = [], False
+            for line in handle:
+                if not line.strip():
+                    continue
+                if len(records) == max_rows:
+                    more_rows = True
+                    break
+                records.append(json.loads(line))
     if any(key in record for record in records for key in media_keys):
         return None
+    _warn_if_sampled(path, len(records), more_rows)
     return [record.get(prompt_key) for record in records]
+
+
+def _warn_if_sampled(path: str, checked: int, more_rows: bool) -> None:
+    if more_rows:
+        logger.warning(
+            "verl-distill: data.truncation=error: prompt lengths of %s checked on its first %d rows only", path, checked
+        )
 
 
 def _overlong_prompt_problem(tokenizer, prompts: list, max_length: int, options: dict) -> Optional[tuple[str, str]]:
