@@ -42,7 +42,9 @@ def undecided_driver(monkeypatch):
 # --- 1. the CPU backend switches on only for a CPU job ----------------------------------------
 
 
-def test_a_gpu_config_on_a_machine_without_gpu_is_not_rewritten(undecided_driver, caplog):
+def test_a_gpu_config_on_a_machine_without_gpu_is_not_rewritten(undecided_driver, monkeypatch, caplog):
+    # the driver of a GPU job on a CPU head node (KubeRay, ray job submit): it joins the cluster
+    monkeypatch.setattr(cpu_job, "_ray_cluster_to_join", lambda config: "10.0.0.1:6379")
     undecided_driver(*GPU_OVERRIDES)
     config = _trainer_config(GPU_OVERRIDES)
     before = OmegaConf.to_container(config)
@@ -52,6 +54,21 @@ def test_a_gpu_config_on_a_machine_without_gpu_is_not_rewritten(undecided_driver
     assert OmegaConf.to_container(config) == before
     assert "VERL_PLATFORM" not in os.environ
     assert "actor_rollout_ref.rollout.name=vllm" in caplog.text and "trainer.device=cpu" in caplog.text
+
+
+def test_a_gpu_config_that_cannot_run_here_is_refused_in_one_line_not_rewritten(undecided_driver, capsys):
+    undecided_driver(*GPU_OVERRIDES)
+    config = _trainer_config(GPU_OVERRIDES)
+    before = OmegaConf.to_container(config)
+    with pytest.raises(SystemExit) as exit_code:
+        driver.choose_platform(config)
+    assert exit_code.value.code == driver.CONFIG_ERROR_EXIT_CODE
+    assert OmegaConf.to_container(config) == before
+    assert capsys.readouterr().err.splitlines() == [
+        "verl-distill: error: actor_rollout_ref.rollout.name=vllm needs a GPU, and this machine has none and joins "
+        "no Ray cluster; fix: add trainer.device=cpu to train on the CPU (hf rollout), or run on a GPU machine or a "
+        "Ray cluster with GPUs (RAY_ADDRESS)"
+    ]
 
 
 def test_a_gpu_config_joining_a_ray_cluster_with_gpus_is_not_rewritten(undecided_driver, monkeypatch):
@@ -66,20 +83,27 @@ def test_a_gpu_config_joining_a_ray_cluster_with_gpus_is_not_rewritten(undecided
     assert not decision.is_cpu_job and decision.reason == "the Ray cluster at 10.0.0.1:6379 has 16 GPUs"
 
 
+CLUSTER = "10.0.0.1:6379"
+
+
 @pytest.mark.parametrize(
-    "environment, overrides, is_cpu_job, reason",
+    "environment, cluster_gpus, overrides, is_cpu_job, reason",
     [
-        ({}, [], True, "no accelerator here, no Ray cluster to join, no GPU asked for"),
-        ({}, ["trainer.device=cpu", "actor_rollout_ref.rollout.name=vllm"], True, "trainer.device=cpu"),
-        ({"VERL_PLATFORM": "cpu"}, GPU_OVERRIDES, True, "VERL_PLATFORM=cpu"),
-        ({"VERL_PLATFORM": "nvidia"}, [], False, "VERL_PLATFORM=nvidia"),
-        ({}, ["actor_rollout_ref.rollout.name=sglang"], False, "the command line asks for GPUs"),
-        ({}, ["trainer.device=npu"], False, "the command line asks for GPUs (trainer.device=npu)"),
+        ({}, None, [], True, "no accelerator here, no Ray cluster to join, no GPU asked for"),
+        ({}, 0, [], True, f"no accelerator here and none in the Ray cluster at {CLUSTER}"),
+        ({}, None, ["trainer.device=cpu", "actor_rollout_ref.rollout.name=vllm"], True, "trainer.device=cpu"),
+        ({"VERL_PLATFORM": "cpu"}, None, GPU_OVERRIDES, True, "VERL_PLATFORM=cpu"),
+        ({"VERL_PLATFORM": "nvidia"}, None, [], False, "VERL_PLATFORM=nvidia"),
+        ({}, 0, ["actor_rollout_ref.rollout.name=sglang"], False, "the command line asks for GPUs"),
+        ({}, 0, ["trainer.device=npu"], False, "the command line asks for GPUs (trainer.device=npu)"),
     ],
 )
-def test_what_makes_a_cpu_job(undecided_driver, monkeypatch, environment, overrides, is_cpu_job, reason):
+def test_what_makes_a_cpu_job(undecided_driver, monkeypatch, environment, cluster_gpus, overrides, is_cpu_job, reason):
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
+    if cluster_gpus is not None:
+        monkeypatch.setattr(cpu_job, "_ray_cluster_to_join", lambda config: CLUSTER)
+        monkeypatch.setattr(cpu_job, "ray_cluster_gpus", lambda address: float(cluster_gpus))
     decision = cpu_job.decide_cpu_job(_trainer_config(overrides), cpu_job_keys(overrides))
     assert decision.is_cpu_job == is_cpu_job
     assert decision.reason.startswith(reason)

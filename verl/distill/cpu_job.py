@@ -9,6 +9,9 @@ on CPU-only nodes see none either. The CPU backend therefore switches on only wh
 3. nothing points at GPUs: no accelerator here, no GPU in the Ray cluster the run would join, and no
    GPU rollout backend or accelerator device named on the command line.
 
+A command line that names a GPU rollout or device on a machine without an accelerator, joining no
+Ray cluster, cannot work (verl would start a local Ray without GPUs): it is refused in one line.
+
 The driver then sets ``VERL_PLATFORM=cpu`` in its own environment and in the Ray job's
 ``runtime_env``, so every process of the job resolves verl's platform to ``cpu``
 (:mod:`verl.distill.cpu_platform`), and no other process does.
@@ -21,7 +24,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from verl.distill.cpu_defaults import ROLLOUT_BACKENDS_ON_CPU
+from verl.distill.cpu_defaults import ROLLOUT_BACKENDS_ON_CPU, CPUConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +89,8 @@ def _gpu_requests_on_command_line(config: DictConfig, explicit_keys: set[str]) -
 
 
 def decide_cpu_job(config: DictConfig, explicit_keys: set[str]) -> CPUJobDecision:
-    """Whether this run is a CPU job, and why (see the module docstring for the rule)."""
+    """Whether this run is a CPU job, and why (see the module docstring for the rule); raises
+    :class:`CPUConfigError` for a command line that cannot run here."""
     platform = os.environ.get(PLATFORM_ENV, "").strip().lower()
     if platform:
         return CPUJobDecision(platform == CPU_PLATFORM, f"{PLATFORM_ENV}={platform}")
@@ -95,9 +99,15 @@ def decide_cpu_job(config: DictConfig, explicit_keys: set[str]) -> CPUJobDecisio
     if accelerator_present():
         return CPUJobDecision(False, "an accelerator is visible")
     requests = _gpu_requests_on_command_line(config, explicit_keys)
+    address = _ray_cluster_to_join(config)
+    if requests and address is None:
+        raise CPUConfigError(
+            f"{', '.join(requests)} needs a GPU, and this machine has none and joins no Ray cluster; fix: add "
+            "trainer.device=cpu to train on the CPU (hf rollout), or run on a GPU machine or a Ray cluster with "
+            "GPUs (RAY_ADDRESS)"
+        )
     if requests:
         return CPUJobDecision(False, f"the command line asks for GPUs ({', '.join(requests)})")
-    address = _ray_cluster_to_join(config)
     if address is not None:
         try:
             gpus = ray_cluster_gpus(address)

@@ -105,7 +105,10 @@ def choose_platform(config: DictConfig) -> None:
         return
     from verl.distill.cpu_job import PLATFORM_ENV, activate_cpu_platform, decide_cpu_job
 
-    decision = decide_cpu_job(config, explicit_override_keys(_command_line_overrides()))
+    try:
+        decision = decide_cpu_job(config, explicit_override_keys(_command_line_overrides()))
+    except CPUConfigError as error:
+        _exit_with_config_error(error)
     if decision.is_cpu_job:
         activate_cpu_platform(config)
     elif not accelerator_present() and not os.environ.get(PLATFORM_ENV):
