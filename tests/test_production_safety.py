@@ -320,3 +320,43 @@ def test_every_source_file_of_the_checkout_is_compared():
     assert "verl/distill/compat.py" in compared
     assert inspect.getsourcefile(compat) != str(REPO / "verl" / "distill" / "compat.py")  # installed, not the checkout
     assert Path(inspect.getsourcefile(compat)).read_bytes() == (REPO / "verl" / "distill" / "compat.py").read_bytes()
+
+
+_RAY_CLUSTER_WITH_GPUS = textwrap.dedent(
+    """
+    import sys
+    import ray
+    ray.init(num_cpus=1, num_gpus=2, include_dashboard=False)
+    print(ray.get_runtime_context().gcs_address, flush=True)
+    sys.stdin.read()  # until the test closes stdin; then the cluster shuts down with its driver
+    """
+)
+
+
+_DECIDE = textwrap.dedent(
+    """
+    from hydra import compose, initialize_config_module
+    from verl.distill.cpu_job import decide_cpu_job
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        config = compose(config_name="ppo_trainer")
+    print(decide_cpu_job(config, set()).reason)
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_gpus_of_a_real_ray_cluster_are_read():
+    cluster = subprocess.Popen(
+        [sys.executable, "-c", _RAY_CLUSTER_WITH_GPUS], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address, "the cluster did not start"
+        # Ray's token auth (on by default) is read when ray is imported: a joining driver sets it first
+        environment = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "VERL_PLATFORM": None}
+        result = _python(_DECIDE, environment)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.splitlines()[-1] == f"the Ray cluster at {address} has 2 GPUs"
+    finally:
+        cluster.stdin.close()
+        cluster.wait(timeout=120)
