@@ -28,36 +28,6 @@ def _distillation(tiny_assets, teacher=None):
     ]
 
 
-def test_the_ref_slot_holds_the_teacher_and_only_the_student_trains(tiny_assets, tmp_path):
-    """The plumbing, with the shipped default loss (`distillation` + `low_var_kl`); whether the student
-    learns is measured on the toy task below, where a few steps give a signal well above the noise."""
-    from safetensors.torch import load_file
-
-    from verl.distill.evaluation import merge_fsdp_checkpoint
-
-    teacher_before = _weights_digest(tiny_assets.teacher)
-    steps = 4
-    run = run_trainer(
-        tmp_path,
-        [*_distillation(tiny_assets), f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}"],
-        config_name="distillation_trainer",
-    )
-    assert run.returncode == 0, run.explain()
-    kl = run.series("actor/kl_loss")
-    assert len(kl) == steps
-    assert kl[0] > 0.5, "the ref slot must hold the teacher, not a copy of the student"
-    assert run.series("actor/pg_loss") == [0.0] * steps
-    assert run.series("actor/distillation_mode") == [1.0] * steps
-    assert run.series("timing_s/ref")
-    assert _weights_digest(tiny_assets.teacher) == teacher_before
-
-    trained = tmp_path / "trained_student"
-    merge_fsdp_checkpoint(tmp_path / "checkpoints" / f"global_step_{steps}" / "actor", trained)
-    before, after = (load_file(next(folder.glob("*.safetensors"))) for folder in (tiny_assets.student, trained))
-    # the merged checkpoint is bf16: compare at that precision
-    assert any(not (before[name].bfloat16() == after[name].bfloat16()).all() for name in before)
-
-
 @pytest.fixture(scope="module")
 def toy_assets():
     """The demo's toy task (seed 0): a confident teacher (log-probs of -10 to -27 on wrong digits) and a
@@ -99,9 +69,10 @@ def _exact_kl_on_val_prompts(checkpoint: Path, toy_assets, output_dir: Path) -> 
     ],
 )
 def test_the_toy_student_moves_toward_its_teacher(toy_assets, tmp_path, loss_overrides):
-    """30 steps of 64 prompts cut the exact KL(student || teacher) by >= 10%. Measured for the default
-    on an idle 2-core machine (lr 3e-4, 5 warm-up steps): 1.68 -> 1.39 after 20 steps (-17%), 1.31
-    after 40 (-22%)."""
+    """30 steps of 64 prompts cut the exact KL(student || teacher) by >= 10%, with the teacher in the ref
+    slot, unchanged, and no policy gradient. Measured for the default on an idle 2-core machine (lr 3e-4,
+    5 warm-up steps): 1.68 -> 1.39 after 20 steps (-17%), 1.31 after 40 (-22%)."""
+    teacher_before = _weights_digest(toy_assets.teacher)
     steps = 30
     run = run_trainer(
         tmp_path,
@@ -132,7 +103,13 @@ def test_the_toy_student_moves_toward_its_teacher(toy_assets, tmp_path, loss_ove
         config_name="distillation_trainer",
     )
     assert run.returncode == 0, run.explain()
+    kl = run.series("actor/kl_loss")
+    assert len(kl) == steps
+    assert kl[0] > 0.5, "the ref slot must hold the teacher, not a copy of the student"
+    assert run.series("actor/pg_loss") == [0.0] * steps
     assert run.series("actor/distillation_mode") == [1.0] * steps
+    assert run.series("timing_s/ref")
+    assert _weights_digest(toy_assets.teacher) == teacher_before
     before = _exact_kl_on_val_prompts(toy_assets.student, toy_assets, tmp_path / "eval-before")
     trained = tmp_path / "checkpoints" / f"global_step_{steps}"
     after = _exact_kl_on_val_prompts(trained, toy_assets, tmp_path / "eval-after")
