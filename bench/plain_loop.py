@@ -1,7 +1,7 @@
 """The toy distillation step as a single-process plain-PyTorch loop: the floor verl's step is compared with.
 
-Same models, prompts, batch, loss and optimizer as ``examples/distillation/run_distillation.sh``; no verl
-trainer, no Ray, no FSDP. One step, for a batch of B training prompts x_i:
+Same models, prompts, batch, loss and optimizer as ``examples/distillation/run_distillation.sh`` (its
+warm-up, not its later cosine decay: a step costs the same at any lr); no verl trainer, no Ray, no FSDP. One step, for a batch of B training prompts x_i:
 
     y_i ~ pi_theta(. | x_i)                  student samples at temperature 1, at most 8 new tokens, stops at EOS
     KL_{i,t} = sum_v pi_theta(v | x_i, y_i,<t) * (log pi_theta(v | ...) - log nu(v | ...))

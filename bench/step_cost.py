@@ -45,7 +45,8 @@ from common import (
 from sample_efficiency import loss_overrides
 
 GRPO_SAMPLES_PER_PROMPT = 4
-# The toy recipe's optimiser (examples/distillation/run_distillation.sh), also bench/plain_loop.py's defaults.
+# The toy recipe's peak lr and warm-up (examples/distillation/run_distillation.sh), also bench/plain_loop.py's
+# defaults; the recipe's cosine decay after the warm-up does not change what a step costs.
 RECIPE_LR = 1e-3
 RECIPE_WARMUP_STEPS = 10
 

@@ -565,6 +565,47 @@ def test_wrapper_script_error_is_one_line_without_traceback(assets, tmp_path):
     ]
 
 
+def test_evaluating_fsdp_checkpoints_prints_results_and_progress_bars_only(assets, tmp_path):
+    """No third-party warning (torch's DeviceMesh unpickling, transformers' `torch_dtype` deprecation,
+    both triggered by verl's model merger) and none of the merger's own chatter. A fresh process: a
+    warning printed once per process by an earlier test would otherwise hide here."""
+    rows = addition_rows(2)
+    data_file = write_parquet(rows, tmp_path / "data.parquet")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples/distillation/evaluate_model.py"),
+            "--checkpoints",
+            str(assets["run"]),
+            "--data",
+            str(data_file),
+            "--teacher_path",
+            str(assets["teacher"]),
+            "--compute_score",
+            str(write_exact_match_scorer(tmp_path)),
+            "--max_new_tokens",
+            "4",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    # tqdm redraws its bars with carriage returns: every piece of stderr must be part of a bar
+    pieces = [piece.strip() for piece in completed.stderr.replace("\r", "\n").splitlines() if piece.strip()]
+    assert pieces and all("%|" in piece for piece in pieces), completed.stderr[-3000:]
+    # a warning written right after a bar's last redraw shares its piece
+    for known_warning in ("DeviceMesh", "deprecated", "Warning"):
+        assert known_warning not in completed.stderr, completed.stderr[-3000:]
+    assert [line.split(":")[0] for line in completed.stdout.splitlines()] == [
+        "run/global_step_2",
+        "run/global_step_4",
+        "results in " + str(tmp_path / "out"),
+    ]
+
+
 def test_run_folder_expands_to_its_checkpoints_in_step_order(assets):
     checkpoints = resolve_checkpoints([str(assets["run"])])
     assert [(c.kind, c.step, c.model_dir.name) for c in checkpoints] == [("fsdp", 2, "actor"), ("fsdp", 4, "actor")]

@@ -2,10 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 # Small enough for a 2-core machine, large enough to exercise every phase of a step.
 TINY_RUN = [
@@ -41,13 +45,22 @@ class TrainerRun:
         return f"exit {self.returncode}\n--- stderr (tail) ---\n{self.stderr[-6000:]}"
 
 
-def run_trainer(workdir: Path, overrides: list[str], config_name: str = "ppo_trainer", timeout: int = 900) -> TrainerRun:
+def run_trainer(
+    workdir: Path,
+    overrides: list[str],
+    config_name: str = "ppo_trainer",
+    timeout: int = 900,
+    ray_tmpdir: Path | None = None,
+) -> TrainerRun:
+    """``ray_tmpdir``: Ray's temporary root for this run (``RAY_TMPDIR``); see :func:`ray_started`."""
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_file = workdir / f"metrics-{len(list(workdir.glob('metrics-*.jsonl')))}.jsonl"
     env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_file), HYDRA_FULL_ERROR="0")
     # the test process's own marks (conftest): the trainer's driver decides them for its run
     for decided_by_the_driver in ("VERL_PLATFORM", "VERL_DISTILL_RUN"):
         env.pop(decided_by_the_driver, None)
+    if ray_tmpdir is not None:
+        env["RAY_TMPDIR"] = str(ray_tmpdir)
     command = [
         sys.executable,
         "-m",
@@ -63,3 +76,18 @@ def run_trainer(workdir: Path, overrides: list[str], config_name: str = "ppo_tra
     if metrics_file.exists():
         metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     return TrainerRun(result.returncode, result.stdout, result.stderr, metrics)
+
+
+def ray_started(ray_tmpdir: Path) -> bool:
+    """Whether a run given ``ray_tmpdir`` started Ray: ``ray.init`` creates ``<RAY_TMPDIR>/ray/session_*``
+    before anything else. A structural check, unlike a wall-time bound, holds on a loaded machine."""
+    return any((ray_tmpdir / "ray").glob("session_*"))
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A fresh, short ``RAY_TMPDIR`` (Ray's socket paths under it must stay below the 107-byte limit
+    of a Unix socket path, which pytest's tmp_path can exceed)."""
+    folder = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -2,7 +2,9 @@
 merger) and run folders, all checked without loading any weights."""
 
 import contextlib
+import io
 import json
+import logging
 import pickle
 import re
 import shutil
@@ -20,6 +22,15 @@ _STEP_PATTERN = re.compile(r"^(?:global_step|step|checkpoint)[_-](\d+)$")
 _HF_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _FSDP_SHARD_PATTERN = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+# Warnings verl's model merger triggers in libraries it calls, each harmless here: (logger, start of the
+# message). torch warns when a DeviceMesh is unpickled in a process without process groups, which is how
+# the merger reads every DTensor shard (it only matters for torch.compile); transformers warns that the
+# merger passes `torch_dtype` (the argument's old name) to from_config.
+_MERGER_WARNINGS = (
+    ("torch.distributed.device_mesh", "It seems like pickling/unpickling of the DeviceMesh"),
+    ("transformers.modeling_utils", "`torch_dtype` is deprecated"),
+    ("transformers.configuration_utils", "`torch_dtype` is deprecated"),
+)
 
 
 @dataclass(frozen=True)
@@ -207,19 +218,48 @@ def merge_fsdp_checkpoint(actor_dir: Path, target_dir: Path) -> None:
         hf_model_config_path=str(actor_dir / "huggingface"),
     )
     target_dir.mkdir(parents=True, exist_ok=True)
-    # The merger reports on stdout; keep stdout for our own results.
-    with contextlib.redirect_stdout(sys.stderr):
+    # The merger prints its progress (device mesh, shard count, target folder) on stdout: keep it out of
+    # our results and show it only when the merge fails.
+    merger_output = io.StringIO()
+    with contextlib.redirect_stdout(merger_output), _without_known_merger_warnings():
         try:
             merger = FSDPModelMerger(config)
             merger.merge_and_save()
         except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError) as error:
             # The shards passed the cheap archive check but their content does not load.
+            sys.stderr.write(merger_output.getvalue())
             raise EvaluationInputError(
                 str(actor_dir),
                 f"verl's model merger cannot read the shards ({type(error).__name__}: {str(error)[:160]})",
                 "re-copy the checkpoint or evaluate another step",
             ) from None
+        except BaseException:
+            sys.stderr.write(merger_output.getvalue())
+            raise
         merger.cleanup()
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _without_known_merger_warnings():
+    """Drop exactly the warnings of ``_MERGER_WARNINGS``, only while the merger runs; any other
+    record of those loggers still goes through."""
+    installed = [(logging.getLogger(name), _DropMessages(prefix)) for name, prefix in _MERGER_WARNINGS]
+    for logger, drop in installed:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger, drop in installed:
+            logger.removeFilter(drop)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""A toy distillation task the project builds itself, offline and deterministically.
+"""A toy distillation task the project builds itself, offline and deterministically per machine type.
 
 Two-digit addition with the answer's digits reversed, a character-level tokenizer with a ChatML
 template, a tiny Qwen2 teacher (>= 90% greedy accuracy) and a less-trained student of the same
