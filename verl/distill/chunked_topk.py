@@ -71,6 +71,7 @@ class _StudentTopKLogProbs(torch.autograd.Function):
                 log_probs = _chunk_log_probs(logits, rows[chunk], vocab_size, temperature)
                 values[chunk, :k] = log_probs.gather(-1, ids[chunk])
                 values[chunk, k] = logsumexp_in_place(log_probs.scatter_(-1, ids[chunk], EMPTY_LOG_MASS))
+                del log_probs  # else it lives on while the next chunk's are computed: one block more
         ctx.save_for_backward(logits, rows, ids, values)
         ctx.vocab_size, ctx.temperature, ctx.chunk_tokens = vocab_size, temperature, chunk_tokens
         return values
@@ -105,6 +106,7 @@ class _StudentTopKLogProbs(torch.autograd.Function):
                 if ctx.temperature != 1.0:
                     grad.div_(ctx.temperature)
                 grad_logits[:, : ctx.vocab_size].index_add_(0, rows[chunk], grad.to(grad_logits.dtype))
+                del log_probs, grad  # as in forward
         return grad_logits, None, None, None, None, None
 
 
