@@ -3,15 +3,22 @@ reference pass and of a ``*_topk`` loss's forward + backward in the update, agai
 size V, for the code before the chunking (a git revision) and the installed code.
 
 Each case runs in a fresh Python process. It builds one micro-batch of packed sequences (short
-prompts, ``--tokens`` response tokens in all) and its [rows, V] logits, runs a warm-up of the same code
-on a tiny vocabulary, then reads the resident set size (VmRSS), resets the peak (``/proc/self/clear_refs``,
-Linux >= 4.0), runs the measured call and reads the peak (VmHWM). The extra memory is peak minus the
-RSS before the call, which already holds the logits and the carried fields, so it counts everything
-the call allocates: copies and temporaries, tensors autograd keeps for the backward, and, for the
-loss, the logits' gradient (one [rows, V] tensor in the logits' dtype). glibc is told to serve every
-allocation of 64 KiB or more with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed blocks leave the RSS at
-once and the peak is the peak of live memory. Memory does not depend on the machine's load; the
-seconds do (one call each, on one thread, indicative only).
+prompts, ``--tokens`` response tokens in all), its [rows, V] logits and the carried top-k, and runs a
+warm-up of the same code on a tiny vocabulary. The extra memory of the call is the peak, over the
+call, of the bytes of tensors it allocated and had not yet freed: torch's profiler
+(``profile_memory=True``) records every CPU allocation and free with the running total, and the
+largest total is the peak. Tensors that existed before the call (the logits, the batch) are not
+counted; everything the call makes is: copies and temporaries (also those inside one operator),
+tensors autograd keeps for the backward, and, for the loss, the logits' gradient (one [rows, V]
+tensor in the logits' dtype, which stays after the call). Divided by the response tokens and by
+V x 4 bytes it is the ratio the goal is stated in.
+
+Cross-check, on a second call on fresh inputs without the profiler: the resident set size before it
+(VmRSS) and its peak during it (VmHWM, reset with ``/proc/self/clear_refs``, Linux >= 4.0); glibc
+serves every allocation of 64 KiB or more with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed blocks
+leave the RSS at once. The kernel's RSS counters are approximate to a few MiB, so only the larger
+cases can be compared. That call is also timed (one call on one thread; indicative only, the seconds
+depend on the machine's load, the memory does not).
 
 "Before" is the code of ``--before-rev`` (the three modules the chunking changed, loaded from git into
 the process in place of the installed ones); "after" is the installed package (``make install``).
@@ -65,17 +72,19 @@ class Case:
 @dataclass
 class Measurement:
     case: Case
-    baseline_rss_bytes: int
-    peak_rss_bytes: int
+    peak_allocated_bytes: int  # torch's allocations during the call, at their peak (the profiler's count)
+    baseline_rss_bytes: int  # the cross-check: resident set size before the call ...
+    peak_rss_bytes: int  # ... and at its peak during the call
     seconds: float
-    extra_bytes: int = field(init=False)
     extra_bytes_per_token: float = field(init=False)
     ratio_to_vocab_float32: float = field(init=False)  # extra per token / (V x 4 bytes)
+    rss_ratio_to_vocab_float32: float = field(init=False)
 
     def __post_init__(self):
-        self.extra_bytes = self.peak_rss_bytes - self.baseline_rss_bytes
-        self.extra_bytes_per_token = self.extra_bytes / self.case.tokens
+        self.extra_bytes_per_token = self.peak_allocated_bytes / self.case.tokens
         self.ratio_to_vocab_float32 = self.extra_bytes_per_token / (self.case.vocab * 4)
+        rss_extra = self.peak_rss_bytes - self.baseline_rss_bytes
+        self.rss_ratio_to_vocab_float32 = rss_extra / self.case.tokens / (self.case.vocab * 4)
 
 
 # --- inside the measuring process --------------------------------------------------------------
@@ -172,6 +181,24 @@ def _run_phase(case: Case):
     return update
 
 
+def _peak_allocated_bytes(call) -> int:
+    """The most bytes of tensors allocated by ``call`` and alive at one moment, from the profiler's record
+    of every allocation and free (each carries the running total); tensors that existed before are not
+    counted."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        call()
+    peak, pending = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        if event.tag == _EventType.Allocation:
+            peak = max(peak, event.extra_fields.total_allocated)
+        pending.extend(event.children)
+    return peak
+
+
 def measure(case: Case) -> Measurement:
     import torch
 
@@ -181,14 +208,18 @@ def measure(case: Case) -> Measurement:
         _load_revision(case.before_rev)
     warm_up = Case(**{**asdict(case), "vocab": max(64, case.topk), "tokens": 16})
     _run_phase(warm_up)()  # loads kernels, thread pools and lazy imports outside the measurement
+    # first timed, with the resident set size around it; then on fresh inputs under the profiler
     call = _run_phase(case)
     gc.collect()
-    baseline = _status_bytes("VmRSS")
+    baseline_rss = _status_bytes("VmRSS")
     _reset_peak_rss()
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
-    return Measurement(case, baseline, _status_bytes("VmHWM"), seconds)
+    peak_rss = _status_bytes("VmHWM")
+    del call
+    gc.collect()
+    return Measurement(case, _peak_allocated_bytes(_run_phase(case)), baseline_rss, peak_rss, seconds)
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -205,7 +236,8 @@ def measure_in_fresh_process(case: Case) -> Measurement:
     if completed.returncode != 0:
         raise RuntimeError(f"{case}: the measuring process failed:\n{completed.stderr[-3000:]}")
     result = json.loads(completed.stdout.strip().splitlines()[-1])
-    return Measurement(Case(**result["case"]), result["baseline_rss_bytes"], result["peak_rss_bytes"], result["seconds"])
+    fields = ("peak_allocated_bytes", "baseline_rss_bytes", "peak_rss_bytes", "seconds")
+    return Measurement(Case(**result["case"]), *(result[name] for name in fields))
 
 
 def table(measurements: list[Measurement]) -> str:
@@ -216,11 +248,13 @@ def table(measurements: list[Measurement]) -> str:
         rows.append(
             [
                 *key,
-                before.extra_bytes / 2**20 if before else None,
-                after.extra_bytes / 2**20 if after else None,
+                before.peak_allocated_bytes / 2**20 if before else None,
+                after.peak_allocated_bytes / 2**20 if after else None,
                 before.ratio_to_vocab_float32 if before else None,
                 after.ratio_to_vocab_float32 if after else None,
                 after.ratio_to_vocab_float32 <= GOAL_FLOAT32_ROWS if after else None,
+                before.rss_ratio_to_vocab_float32 if before else None,
+                after.rss_ratio_to_vocab_float32 if after else None,
                 before.seconds if before else None,
                 after.seconds if after else None,
             ]
@@ -235,6 +269,8 @@ def table(measurements: list[Measurement]) -> str:
         "per token / (V x 4 B) before",
         "after",
         f"after <= {GOAL_FLOAT32_ROWS:g}",
+        "RSS: before",
+        "after",
         "s before",
         "s after",
     ]
@@ -276,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                         measurements.append(measure_in_fresh_process(case))
                         m = measurements[-1]
                         print(
-                            f"{phase} V={vocab} tokens={tokens} {dtype} {code}: {m.extra_bytes / 2**20:.1f} MiB "
-                            f"extra, {m.ratio_to_vocab_float32:.2f} x V x 4 B per token, {m.seconds:.2f} s",
+                            f"{phase} V={vocab} tokens={tokens} {dtype} {code}: "
+                            f"{m.peak_allocated_bytes / 2**20:.1f} MiB extra, {m.ratio_to_vocab_float32:.2f} "
+                            f"x V x 4 B per token (RSS {m.rss_ratio_to_vocab_float32:.2f}), {m.seconds:.2f} s",
                             flush=True,
                         )
     printed = table(measurements)
@@ -287,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         "goal": f"extra peak memory per response token <= {GOAL_FLOAT32_ROWS:g} x V x 4 bytes",
         "goal_met": all(m.ratio_to_vocab_float32 <= GOAL_FLOAT32_ROWS for m in after) if after else None,
         "max_ratio_after": max((m.ratio_to_vocab_float32 for m in after), default=None),
-        "method": "fresh process per case; VmHWM - VmRSS around the call (see bench/README.md)",
+        "method": (
+            "fresh process per case; peak of the torch allocations made by the call (profiler allocation "
+            "events), cross-checked by VmHWM - VmRSS around a second, timed call (see bench/README.md)"
+        ),
         "invocation": " ".join(sys.argv),
         "machine": machine_info(),
         "measurements": [asdict(m) for m in measurements],
