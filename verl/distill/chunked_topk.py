@@ -11,8 +11,9 @@ the forward and backward make more; at V = 152k one such copy costs 0.6 MB per t
 * forward: one chunk of rows at a time, it copies the chunk's logits, takes the log-softmax, gathers
   the top-k, and reduces the rest to the tail in place; it keeps only [R, k + 1] values for the
   backward, plus a reference to the logits (no copy: verl's log-prob pass keeps them alive anyway).
-* backward: per chunk it recomputes the log-softmax from the logits and writes the closed-form
-  gradient in place into it (below), then adds it into the logits' gradient.
+* backward: per chunk it recomputes the log-softmax from the logits (and stops if its top-k values
+  differ from the forward's: the logits were written in place in between), writes the closed-form
+  gradient into the same memory (below), then adds it into the logits' gradient.
 
 So the working memory is about two [chunk, V] float32 blocks, whatever R is, and the only
 vocabulary-sized tensor that grows with R is the logits' gradient itself (in the logits' dtype).
