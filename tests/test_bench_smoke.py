@@ -14,6 +14,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import run_all  # noqa: E402
 import sample_efficiency  # noqa: E402
+import topk_memory  # noqa: E402
 from common import RunOutcome  # noqa: E402
 
 TARGET = 0.9
@@ -214,3 +215,44 @@ def test_overhead_part_reads_the_plain_loops_median_and_divides_our_step_by_it(t
     assert part.details["failure"] is None and plain > 0
     assert part.headline["overhead_ratio_vs_plain_loop"] == pytest.approx(3.0 / plain)
     assert "plain_loop.py" in part.commands[0] and "--batch-size 4" in part.commands[0]
+
+
+# ------------------------------------------------------------------ topk_memory.py (issue #14 item 5)
+
+
+def memory_case(code: str, phase: str = "update", vocab: int = 1000, tokens: int = 100):
+    return topk_memory.Case(phase, code, vocab, tokens, "float32", 32, 64, topk_memory.BEFORE_REV)
+
+
+def test_topk_memory_divides_the_extra_peak_by_tokens_and_by_v_times_4_bytes():
+    measured = topk_memory.Measurement(
+        memory_case("after"), peak_allocated_bytes=800_000, baseline_rss_bytes=10_000, peak_rss_bytes=410_000,
+        seconds=1.0,
+    )  # fmt: skip
+    assert measured.extra_bytes_per_token == 8_000
+    assert measured.ratio_to_vocab_float32 == 2.0  # 8000 B per token = 2 x V x 4 B at V = 1000
+    assert measured.rss_ratio_to_vocab_float32 == 1.0  # the cross-check is reported, not judged
+    before = topk_memory.Measurement(memory_case("before"), 2_000_000, 0, 2_000_000, seconds=1.0)
+    over_goal = topk_memory.Measurement(memory_case("after", vocab=500), 500_000, 0, 500_000, seconds=1.0)
+    table = topk_memory.table([before, measured, over_goal])
+    header, _, *rows = table.splitlines()
+    goal_column = [cell.strip() for cell in header.split("  ") if cell.strip()].index("after <= 2")
+    cells = [row.split() for row in rows]
+    goals = [(row[0], row[1], row[goal_column]) for row in cells]
+    assert goals == [("update", "1000", "True"), ("update", "500", "False")]
+
+
+@pytest.mark.slow
+def test_topk_memory_measures_before_and_after_in_fresh_processes(tmp_path):
+    out = tmp_path / "topk_memory.json"
+    topk_memory.main(["--vocabs", "8192", "--tokens", "512", "--dtypes", "float32", "--out", str(out)])
+    summary = json.loads(out.read_text())
+    measured = {(m["case"]["phase"], m["case"]["code"]): m for m in summary["measurements"]}
+    assert set(measured) == {(phase, code) for phase in ("reference", "update") for code in ("before", "after")}
+    for phase in ("reference", "update"):
+        # the unchunked code holds several [512, 8192] float32 copies (16 MiB each), the chunked one a few [64, 8192]
+        before, after = (measured[phase, code]["ratio_to_vocab_float32"] for code in ("before", "after"))
+        assert before > 3 and after < before / 2
+    # the update's extra memory includes the logits' gradient: one float32 [rows, V] tensor, ~1 x V x 4 B per token
+    assert measured["update", "after"]["ratio_to_vocab_float32"] > 1
+    assert summary["goal_met"] is True and "VmHWM" in summary["method"]

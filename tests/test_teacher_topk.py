@@ -152,6 +152,20 @@ def test_carried_topk_equals_the_topk_of_a_direct_teacher_forward(teacher, use_r
         assert int(ids.max()) < TOKENIZER_SIZE  # the boosted padded rows never enter
 
 
+@pytest.mark.parametrize("use_remove_padding", [True, False], ids=["packed", "padded"])
+def test_carried_topk_does_not_depend_on_the_chunk_size(teacher, use_remove_padding):
+    """1 row at a time, a chunk ending inside a sample, or one chunk for all 14 response rows: the same fields."""
+    outputs = [
+        reference_pass(
+            teacher, micro_batch(use_remove_padding), DistillLossConfig(topk=5, temperature=1.5, logits_chunk_tokens=c)
+        )
+        for c in (1, 3, 1000)
+    ]
+    for output in outputs[:-1]:
+        for key in CARRIED_FIELDS:
+            assert torch.equal(output[key].values(), outputs[-1][key].values()), key
+
+
 def test_reference_log_probs_and_carried_topk_share_the_response_layout(teacher):
     """verl's own reference log-prob of each sampled token (``ref_log_prob``) is found in the carried
     distribution at the same response position: the two layouts agree, with no off-by-one."""
@@ -284,6 +298,26 @@ def test_loss_rows_get_their_own_carried_distribution(teacher):
     assert torch.all(student_logits.grad[0, prompt_rows] == 0)
     assert torch.all(student_logits.grad[0, rows, TOKENIZER_SIZE:] == 0)
     assert student_logits.grad[0, rows].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_values_and_gradients_do_not_depend_on_the_chunk_size(teacher, name, dtype):
+    data = micro_batch(True)
+    carried = reference_pass(teacher, data, DistillLossConfig(topk=4))
+    data.update({key: carried[key] for key in CARRIED_FIELDS})
+    torch.manual_seed(4)
+    logits = (3 * torch.randn(1, data["input_ids"].values().numel(), EMBEDDING_ROWS)).to(dtype)
+    results = []
+    for chunk_tokens in (1, 5, 1000):
+        student_logits = logits.clone().requires_grad_(True)
+        options = DistillLossConfig(topk=4, temperature=1.5, logits_chunk_tokens=chunk_tokens)
+        divergence = LOSSES[name](actor_config(options), data=data, student_logits=student_logits)[TOKEN_DIVERGENCE_KEY]
+        divergence.sum().backward()
+        results.append((divergence.detach(), student_logits.grad))
+    for divergence, gradient in results[:-1]:
+        assert torch.equal(divergence, results[-1][0])
+        torch.testing.assert_close(gradient, results[-1][1], rtol=1e-6, atol=1e-6)
 
 
 def test_loss_without_carried_fields_names_the_fix():

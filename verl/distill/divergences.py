@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from verl.distill.chunked_topk import logsumexp_in_place, student_topk_log_probs
 from verl.distill.loss_config import CONFIG_KEY, DistillLossConfig
 
 _DEFAULTS = DistillLossConfig()
@@ -151,9 +152,6 @@ def sampled_token_kl(
 # p = teacher, q = student, both over the categories (top-k token 1, ..., top-k token k, tail).
 # ---------------------------------------------------------------------------------------------
 
-# Log-prob of a tail with no vocabulary row left in it (k = V): finite so that autograd through
-# logsumexp stays finite; e^-10000 is 0 even in float64.
-_EMPTY_LOG_MASS = -1e4
 # 1 / beta stays finite in float64 above this; a smaller (subnormal) beta is the beta = 0 endpoint.
 _SMALLEST_NORMAL_BETA = torch.finfo(torch.float64).tiny
 # Below this log-ratio p << q and p * e^{-d} would overflow; see _kl_terms.
@@ -193,9 +191,13 @@ def teacher_topk(
         raise ValueError(f"{CONFIG_KEY}.topk={k} must lie in [1, {vocab_size}] (the valid vocabulary); lower it")
     if not temperature > 0:
         raise ValueError(f"{CONFIG_KEY}.temperature={temperature} must be > 0; set it to e.g. 1.0")
-    log_probs = torch.log_softmax(teacher_logits[..., :vocab_size].float() / temperature, dim=-1)
+    scaled = teacher_logits[..., :vocab_size].float()
+    if temperature != 1.0:  # x / 1 is x: no vocabulary-sized copy for nothing
+        scaled = scaled / temperature
+    log_probs = torch.log_softmax(scaled, dim=-1)
     top_log_probs, top_ids = log_probs.topk(k, dim=-1)
-    tail = torch.logsumexp(log_probs.scatter(-1, top_ids, -math.inf), dim=-1)
+    # log_probs is ours from here on: the tail is reduced in its memory, no vocabulary-sized copy
+    tail = logsumexp_in_place(log_probs.scatter_(-1, top_ids, -math.inf))
     return TeacherTopK(top_ids, top_log_probs, tail)
 
 
@@ -206,12 +208,17 @@ def _topk_with_tail(
     teacher_tail_log_prob: torch.Tensor | None,
     temperature: float,
     teacher_log_prob_floor: float,
+    rows: torch.Tensor | None,
+    valid_vocab_size: int | None,
+    chunk_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log q and log p over the k+1 categories, shape [..., k+1], float64.
 
     Student: log q = log_softmax(z / T) (float32 over the vocabulary) gathered at the teacher's ids;
     its tail is the logsumexp over every other row of its vocabulary (exact). Feeding log-probs
-    instead of logits is the same: log_softmax ignores a shift.
+    instead of logits is the same: log_softmax ignores a shift. Computed ``chunk_tokens`` rows at a
+    time, without keeping vocabulary-sized tensors for the backward (:mod:`verl.distill.chunked_topk`);
+    with ``rows``, ``student_logits`` is [N, V] and only those rows are scored (no copy of the rest).
     Teacher: the given top-k log-probs and tail; without a tail (e.g. top-k log-probs from an
     inference server), log(1 - sum exp(top-k)), which is only as precise as float32 rounding of a
     near-certain top-1 allows. When the ids cover every student row the tail is empty on both sides.
@@ -221,12 +228,17 @@ def _topk_with_tail(
     """
     if not temperature > 0:
         raise ValueError(f"{CONFIG_KEY}.temperature={temperature} must be > 0; set it to e.g. 1.0")
-    ids = teacher_topk_ids.long()
-    student_log_probs = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    student_topk = student_log_probs.gather(-1, ids)
-    in_topk = torch.zeros_like(student_log_probs, dtype=torch.bool).scatter(-1, ids, True)
-    student_tail = torch.logsumexp(student_log_probs.masked_fill(in_topk, _EMPTY_LOG_MASS), dim=-1, keepdim=True)
-    student = torch.cat([student_topk, student_tail], dim=-1).double()
+    k = teacher_topk_ids.shape[-1]
+    student_flat, covered = student_topk_log_probs(
+        student_logits if rows is not None else student_logits.reshape(-1, student_logits.shape[-1]),
+        teacher_topk_ids.reshape(-1, k),
+        rows=rows,
+        vocab_size=valid_vocab_size,
+        temperature=temperature,
+        chunk_tokens=chunk_tokens,
+    )
+    positions = teacher_topk_ids.shape[:-1]
+    student = student_flat.reshape(*positions, k + 1).double()
 
     teacher_topk_lp = teacher_topk_log_probs.detach().double()
     if teacher_tail_log_prob is None:
@@ -234,7 +246,7 @@ def _topk_with_tail(
         teacher_tail = remainder.clamp(min=0).log()
     else:
         teacher_tail = teacher_tail_log_prob.detach().double().unsqueeze(-1)
-    teacher_tail = teacher_tail.masked_fill(in_topk.all(dim=-1, keepdim=True), -math.inf)
+    teacher_tail = teacher_tail.masked_fill(covered.reshape(*positions, 1), -math.inf)
     teacher = torch.cat([teacher_topk_lp, teacher_tail], dim=-1).clamp(min=teacher_log_prob_floor)
     return student, teacher
 
@@ -264,13 +276,18 @@ def forward_kl_topk(
     teacher_tail_log_prob: torch.Tensor | None = None,
     temperature: float = _DEFAULTS.temperature,
     teacher_log_prob_floor: float = _DEFAULTS.teacher_log_prob_floor,
+    rows: torch.Tensor | None = None,
+    valid_vocab_size: int | None = None,
+    chunk_tokens: int = _DEFAULTS.logits_chunk_tokens,
 ) -> torch.Tensor:
     """Per-position KL(p_teacher || q_student) over the top-k tokens plus the tail bucket, shape [...], float32.
 
     sum_{c in top-k + tail} p_c log(p_c / q_c) (mass-covering). ``student_logits`` [..., V] (or
     log-probs); the teacher's tensors as returned by :func:`teacher_topk` (pass its
-    ``tail_log_prob``). With k = V it is the exact full-vocabulary KL. Pass
-    ``student_logits[..., :valid_vocab_size]`` to leave padded rows out of the student's tail.
+    ``tail_log_prob``). With k = V it is the exact full-vocabulary KL. ``valid_vocab_size`` leaves
+    padded embedding rows out of the student's tail; ``rows`` scores only those rows of a [N, V]
+    ``student_logits``; ``chunk_tokens`` bounds how many rows' vocabulary-sized tensors exist at once
+    (same values and gradients for any chunk size).
     """
     student, teacher = _topk_with_tail(
         student_logits,
@@ -279,6 +296,9 @@ def forward_kl_topk(
         teacher_tail_log_prob,
         temperature,
         teacher_log_prob_floor,
+        rows,
+        valid_vocab_size,
+        chunk_tokens,
     )
     return _kl_terms(teacher, student).sum(dim=-1).float()
 
@@ -291,6 +311,9 @@ def reverse_kl_topk(
     teacher_tail_log_prob: torch.Tensor | None = None,
     temperature: float = _DEFAULTS.temperature,
     teacher_log_prob_floor: float = _DEFAULTS.teacher_log_prob_floor,
+    rows: torch.Tensor | None = None,
+    valid_vocab_size: int | None = None,
+    chunk_tokens: int = _DEFAULTS.logits_chunk_tokens,
 ) -> torch.Tensor:
     """Per-position KL(q_student || p_teacher) over the top-k tokens plus the tail bucket, shape [...], float32.
 
@@ -305,6 +328,9 @@ def reverse_kl_topk(
         teacher_tail_log_prob,
         temperature,
         teacher_log_prob_floor,
+        rows,
+        valid_vocab_size,
+        chunk_tokens,
     )
     return _kl_terms(student, teacher).sum(dim=-1).float()
 
@@ -318,6 +344,9 @@ def jsd_topk(
     beta: float = _DEFAULTS.jsd_beta,
     temperature: float = _DEFAULTS.temperature,
     teacher_log_prob_floor: float = _DEFAULTS.teacher_log_prob_floor,
+    rows: torch.Tensor | None = None,
+    valid_vocab_size: int | None = None,
+    chunk_tokens: int = _DEFAULTS.logits_chunk_tokens,
 ) -> torch.Tensor:
     """Per-position generalized Jensen-Shannon divergence, continuous in ``beta``, shape [...], float32.
 
@@ -340,6 +369,9 @@ def jsd_topk(
         teacher_tail_log_prob,
         temperature,
         teacher_log_prob_floor,
+        rows,
+        valid_vocab_size,
+        chunk_tokens,
     )
     if beta < _SMALLEST_NORMAL_BETA:
         return _kl_terms(teacher, student).sum(dim=-1).float()

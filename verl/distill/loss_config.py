@@ -56,6 +56,22 @@ class DistillLossConfig(BaseConfig):
             )
         },
     )
+    logits_chunk_tokens: int = field(
+        default=64,
+        metadata={
+            "help": (
+                "Default 64. The distribution-level losses (forward_kl_topk, reverse_kl_topk, jsd_topk) and the "
+                "teacher's top-k in the reference pass handle the vocabulary-sized logits of at most this many "
+                "response tokens at a time, and the losses keep no vocabulary-sized tensor for the backward "
+                "(they recompute each chunk's log-softmax there). Their working memory is then about two "
+                "float32 blocks of this many tokens x the vocabulary (39 MB each at 64 tokens and a 152k "
+                "vocabulary) whatever the micro-batch size; the update adds the logits' gradient, which any "
+                "loss on the logits needs. Values and gradients do not depend on it; larger means fewer, "
+                "bigger operations. Must be >= 1."
+            )
+        },
+    )
+
     jsd_beta: float = field(
         default=0.5,
         metadata={
@@ -121,6 +137,7 @@ class DistillLossConfig(BaseConfig):
         self._require(0 < self.log_ratio_clamp <= 20, "log_ratio_clamp", "must lie in (0, 20]", "2.5")
         self._require(self.temperature > 0, "temperature", "must be > 0", "1.0")
         self._require(self.topk >= 1, "topk", "must be >= 1", "32")
+        self._require(self.logits_chunk_tokens >= 1, "logits_chunk_tokens", "must be >= 1", "64")
         self._require(0 <= self.jsd_beta <= 1, "jsd_beta", "must lie in [0, 1]", "0.5")
         self._require(
             math.isfinite(self.teacher_log_prob_floor) and self.teacher_log_prob_floor < 0,

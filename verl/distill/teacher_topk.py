@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch.distributed.tensor import DTensor
 
+from verl.distill.chunked_topk import row_chunks
 from verl.distill.divergences import teacher_topk
 from verl.distill.loss_config import DistillLossConfig
 from verl.utils import tensordict_utils as tu
@@ -71,8 +72,9 @@ def packed_response_rows(input_ids: torch.Tensor, response_mask: torch.Tensor) -
     return input_ids.offsets()[:-1][sample] + position
 
 
-def _teacher_response_logits(output, output_args: dict, micro_batch) -> torch.Tensor:
-    """The teacher's logits at the response positions divided by the rollout temperature, [R, V] float32."""
+def _teacher_logit_rows(output, output_args: dict, micro_batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's logits as [rows, V] (a view, no copy), the row of every response position in it, and
+    the rollout temperature there."""
     logits = getattr(output, "logits", None)
     if logits is None:
         raise RuntimeError(
@@ -85,28 +87,36 @@ def _teacher_response_logits(output, output_args: dict, micro_batch) -> torch.Te
     if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
         rows = packed_response_rows(input_ids, response_mask)
         temperature = output_args["temperature_rmpad"].reshape(-1)[rows]
-        return logits.reshape(-1, logits.shape[-1])[rows].float() / temperature.float().unsqueeze(-1)
+        return logits.reshape(-1, logits.shape[-1]), rows, temperature
     sample, position = response_positions(input_ids, response_mask)
     temperature = output_args["temperature"].reshape(-1)[sample]
-    return logits[sample, position].float() / temperature.float().unsqueeze(-1)
+    return logits.reshape(-1, logits.shape[-1]), sample * logits.shape[1] + position, temperature
 
 
 @torch.no_grad()
 def teacher_topk_fields(
     output, output_args: dict, micro_batch, options: DistillLossConfig, tokenizer_size: int
 ) -> dict[str, torch.Tensor]:
-    """The carried fields for one micro-batch of the reference pass (see the module docstring)."""
-    logits = _teacher_response_logits(output, output_args, micro_batch)
+    """The carried fields for one micro-batch of the reference pass (see the module docstring).
+
+    ``options.logits_chunk_tokens`` response positions at a time, so that only that many rows of
+    float32 logits and log-probs exist at once, however long the micro-batch.
+    """
+    logits, rows, temperature = _teacher_logit_rows(output, output_args, micro_batch)
     valid_vocab = min(tokenizer_size, logits.shape[-1])
+    k = min(options.topk, valid_vocab)
+    chunks = []
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        top = teacher_topk(
-            logits, k=min(options.topk, valid_vocab), temperature=options.temperature, valid_vocab_size=valid_vocab
-        )
+        for chunk in row_chunks(len(rows), options.logits_chunk_tokens):
+            scaled = logits.index_select(0, rows[chunk]).float()
+            # both temperatures divided in place, in the order of z / T_rollout / distill.temperature
+            scaled.div_(temperature[chunk].float().unsqueeze(-1)).div_(options.temperature)
+            chunks.append(teacher_topk(scaled, k=k, temperature=1.0, valid_vocab_size=valid_vocab))
     offsets = micro_batch["response_mask"].offsets().to(logits.device)
     carried = {
-        TOPK_IDS_KEY: top.ids.to(_ID_DTYPE),
-        TOPK_LOG_PROBS_KEY: top.log_probs.to(_LOG_PROB_DTYPE),
-        TAIL_LOG_PROB_KEY: top.tail_log_prob.to(_LOG_PROB_DTYPE),
+        TOPK_IDS_KEY: torch.cat([top.ids for top in chunks]).to(_ID_DTYPE),
+        TOPK_LOG_PROBS_KEY: torch.cat([top.log_probs for top in chunks]).to(_LOG_PROB_DTYPE),
+        TAIL_LOG_PROB_KEY: torch.cat([top.tail_log_prob for top in chunks]).to(_LOG_PROB_DTYPE),
     }
     return {key: torch.nested.nested_tensor_from_jagged(values, offsets) for key, values in carried.items()}
 

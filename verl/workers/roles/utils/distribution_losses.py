@@ -67,18 +67,21 @@ def _per_position_outputs(name: str, config, student_logits: torch.Tensor, data:
             "vocabulary rows: student and teacher must share the tokenizer (actor_rollout_ref.model.path, "
             "actor_rollout_ref.ref.model.path)"
         )
-    student = student_logits[rows, :valid_vocab]
     common = dict(
         teacher_tail_log_prob=tail_log_prob,
         temperature=options.temperature,
         teacher_log_prob_floor=options.teacher_log_prob_floor,
+        # the rows are picked chunk by chunk inside the loss: no [response tokens, V] copy of the logits
+        rows=rows,
+        valid_vocab_size=valid_vocab,
+        chunk_tokens=options.logits_chunk_tokens,
     )
     if name == "forward_kl_topk":
-        divergence = forward_kl_topk(student, ids, log_probs, **common)
+        divergence = forward_kl_topk(student_logits, ids, log_probs, **common)
     elif name == "reverse_kl_topk":
-        divergence = reverse_kl_topk(student, ids, log_probs, **common)
+        divergence = reverse_kl_topk(student_logits, ids, log_probs, **common)
     else:
-        divergence = jsd_topk(student, ids, log_probs, beta=options.jsd_beta, **common)
+        divergence = jsd_topk(student_logits, ids, log_probs, beta=options.jsd_beta, **common)
     sampled_tokens = input_ids.values()[rows + 1]
     in_topk = (ids == sampled_tokens.unsqueeze(-1)).any(dim=-1)
     packed_rows = student_logits.shape[0]
