@@ -142,6 +142,7 @@ def test_the_toy_student_moves_toward_its_teacher(toy_assets, tmp_path, loss_ove
     # the engine's bf16 log-probs against the evaluator's fp32 transformers: measured 1.2274 vs 1.2297
     assert teacher_kl[0] == pytest.approx(before["kl_k3_sampled"], rel=0.03), (teacher_kl, before)
     assert teacher_kl[steps] == pytest.approx(after["kl_k3_sampled"], rel=0.03), (teacher_kl, after)
+    assert teacher_kl[steps] < teacher_kl[0]  # measured: 1.23 -> 0.74 (default), 1.23 -> 0.56 (reverse_kl_topk)
 
 
 def test_teacher_equal_to_student_gives_zero_kl(tiny_assets, tmp_path, ray_tmpdir):
