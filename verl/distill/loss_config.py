@@ -138,7 +138,7 @@ class DistillLossConfig(BaseConfig):
         default=True,
         metadata={
             "help": (
-                "Default true. At every validation (trainer.test_freq, and before training with "
+                "Default True. At every validation (trainer.test_freq, and before training with "
                 "trainer.val_before_train), the student and the teacher each run one forward pass over the "
                 "student's validation responses, and the per-token KL(student || teacher) estimate k3 is logged "
                 "as val-core/<data_source>/teacher_kl/mean@<n> (verl.distill.validation_teacher_kl). false skips "
