@@ -98,6 +98,7 @@ def test_hybrid_grpo_logs_the_task_and_the_distillation_terms_separately(tiny_as
         f"reward.custom_reward_function.path={scorer}",
         "actor_rollout_ref.actor.distill.rl_coef=0.5",
         "actor_rollout_ref.actor.distill.distillation_coef=2.0",
+        f"trainer.test_freq={STEPS}",
     )
     assert every_step(run, "actor/rl_coef") == [0.5] * STEPS
     assert every_step(run, "actor/distillation_coef") == [2.0] * STEPS
@@ -111,6 +112,9 @@ def test_hybrid_grpo_logs_the_task_and_the_distillation_terms_separately(tiny_as
     # the naive reward manager scored the samples and GRPO turned the scores into non-zero advantages
     assert any(value > 0 for value in every_step(run, "critic/score/max"))
     assert any(value > 0 for value in every_step(run, "critic/advantages/max"))
+    # the teacher also scored the validation responses after the last step (n = 4 samples in training, 1 in validation)
+    teacher_kl = run.series("val-core/openai/gsm8k/teacher_kl/mean@1")
+    assert len(teacher_kl) == 1 and math.isfinite(teacher_kl[0]) and teacher_kl[0] > 0
 
 
 def test_hybrid_ppo_with_a_critic_logs_both_terms_and_the_value_loss(tiny_assets, tmp_path):

@@ -282,6 +282,10 @@ def test_what_breaks_the_reference_pass_top_k_is_refused(files, override, key):
         ("actor_rollout_ref.actor.distill.topk=0", "actor_rollout_ref.actor.distill.topk"),
         ("actor_rollout_ref.actor.distill.jsd_beta=2", "actor_rollout_ref.actor.distill.jsd_beta"),
         ("+actor_rollout_ref.actor.distill.nonsense=1", "actor_rollout_ref.actor.distill"),
+        (
+            "actor_rollout_ref.actor.distill.validation_teacher_kl=sometimes",
+            "actor_rollout_ref.actor.distill.validation_teacher_kl",
+        ),
     ],
 )
 def test_bad_distill_option_is_one_line(files, override, key):
@@ -576,3 +580,22 @@ def test_a_student_only_the_workers_see_skips_the_tokenizer_checks_with_a_warnin
     with caplog.at_level("WARNING", logger="verl.distill.validation"):
         validate_distillation_config(config)
     assert f"actor_rollout_ref.model.path={student} is not a local path on the driver" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        (["trainer.use_v1=false"], "trainer.use_v1=false"),
+        (["trainer.v1.trainer_mode=colocate_async"], "trainer.v1.trainer_mode=colocate_async"),
+        (["trainer.use_v1=false", "actor_rollout_ref.actor.distill.validation_teacher_kl=false"], None),
+        ([], None),
+    ],
+)
+def test_a_trainer_that_cannot_measure_the_validation_teacher_kl_is_warned_about(files, overrides, warned, caplog):
+    with caplog.at_level("WARNING", logger="verl.distill.validation"):
+        validate_distillation_config(distillation_config(files, *overrides))
+    notes = [record.message for record in caplog.records if "validation_teacher_kl" in record.message]
+    if warned is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and f"not measured with {warned}" in notes[0]

@@ -1,7 +1,7 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Ten things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Eleven things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
@@ -42,7 +42,13 @@ engine registries, config ``_target_`` classes). Ten things have no extension po
    updates) read every field of the batch from TransferQueue, the dataset's columns included, which
    no engine uses (on the toy step they cost 0.09 s of the reference pass and 0.06 s of the update):
    those phases read the tensor fields and the few per-sample objects an engine consumes
-   (:mod:`verl.distill.phase_fields`).
+   (:mod:`verl.distill.phase_fields`);
+11. validation runs no model but the rollout, so a distillation run had no distance to its teacher
+   on held-out prompts. verl has no validation hook that sees the batch, and a trainer subclass
+   registered under its own ``trainer.v1.trainer_mode`` name would change the trainer (verl compares
+   that name with ``"sync"`` in its buffer, checkpoint and rollout code): in a distillation run,
+   ``_validate`` has each validation batch scored by the student and the teacher before verl reads
+   it, and adds their KL to its metrics (:mod:`verl.distill.validation_teacher_kl`).
 
 Each change applies only to the runs it is for (:data:`ADAPTATIONS`: a CPU job, a distillation
 run, the trainer's driver process), so installing verl-distill leaves every other verl run, a GPU
@@ -348,6 +354,27 @@ def _send_model_phases_their_fields(module: ModuleType) -> None:
         setattr(trainer_cls, name, send_model_fields_only(phase))
 
 
+# verl's code the validation KL relies on: where _validate takes each validation batch from the replay
+# buffer (and frees it), and what the reference phase writes back.
+VALIDATION_CODE_FINGERPRINTS = {"_validate": "b49df6b1cabefe9b", "_compute_ref_log_prob": "6144382217765824"}
+
+
+def _measure_teacher_kl_on_validation(module: ModuleType) -> None:
+    require_supported_verl()
+    from verl.distill.validation_teacher_kl import measure_teacher_kl
+
+    trainer_cls = module.PPOTrainer
+    fix = f"reinstall an unmodified verl=={SUPPORTED_VERL_VERSION} (the validation teacher KL relies on this code)"
+    for name, fingerprint in VALIDATION_CODE_FINGERPRINTS.items():
+        require_unchanged(getattr(trainer_cls, name), fingerprint, fix)
+    student_phase = inspect.getsource(trainer_cls._compute_old_log_prob)
+    _expect(
+        "self.actor_rollout_wg.compute_log_prob(batch)" in student_phase and 'data.pop("log_probs")' in student_phase,
+        "the actor's compute_log_prob no longer leaves the log-probs in the batch's log_probs field",
+    )
+    trainer_cls._validate = measure_teacher_kl(trainer_cls._validate)
+
+
 def _wrap_driver_hook(module: ModuleType) -> None:
     require_supported_verl()
     from verl.distill.driver import check_command_line
@@ -496,6 +523,13 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
         "CPU job",
         _cpu_job,
         _send_model_phases_their_fields,
+    ),
+    Adaptation(
+        "verl.trainer.ppo.v1.trainer_base",
+        ("PPOTrainer._validate",),
+        "distillation run",
+        distillation_run,
+        _measure_teacher_kl_on_validation,
     ),
     Adaptation(
         "verl.utils.model",

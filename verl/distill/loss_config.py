@@ -1,4 +1,5 @@
-"""Options of verl-distill's losses, mounted on the actor config as ``actor_rollout_ref.actor.distill``.
+"""Options of verl-distill's losses, mounted on the actor config as ``actor_rollout_ref.actor.distill``,
+and the switch of the divergence to the teacher measured at validation (verl-distill's one node of options).
 
 The loss code reads ``getattr(actor_config, "distill", None)`` and falls back to
 ``DistillLossConfig()``, so the losses also run with verl's plain ``ActorConfig``.
@@ -133,6 +134,19 @@ class DistillLossConfig(BaseConfig):
         },
     )
 
+    validation_teacher_kl: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Default True. At every validation (trainer.test_freq, and before training with "
+                "trainer.val_before_train), the student and the teacher each run one forward pass over the "
+                "student's validation responses, and the per-token KL(student || teacher) estimate k3 is logged "
+                "as val-core/<data_source>/teacher_kl/mean@<n> (verl.distill.validation_teacher_kl). false skips "
+                "both passes. Costs no generation; measured in trainer.v1.trainer_mode=sync."
+            )
+        },
+    )
+
     def __post_init__(self):
         self._require(0 < self.log_ratio_clamp <= 20, "log_ratio_clamp", "must lie in (0, 20]", "2.5")
         self._require(self.temperature > 0, "temperature", "must be > 0", "1.0")
@@ -159,6 +173,10 @@ class DistillLossConfig(BaseConfig):
             "rl_policy_loss",
             "must name one of verl's policy losses",
             "vanilla",
+        )
+
+        self._require(
+            isinstance(self.validation_teacher_kl, bool), "validation_teacher_kl", "must be true or false", "true"
         )
 
     def _require(self, condition: bool, name: str, rule: str, default: str) -> None:

@@ -356,12 +356,33 @@ def _check_distill_options(config: DictConfig) -> None:
     except ValueError as error:
         key, _, problem = str(error).partition("=")
         raise DistillConfigError(key, problem, "see the option's range in docs/algo/distillation.md")
+    _warn_if_validation_teacher_kl_is_not_measured(config, built.validation_teacher_kl)
     if _get(config, LOSS_MODE_KEY) == "hybrid" and built.rl_policy_loss not in POLICY_LOSS_REGISTRY:
         raise DistillConfigError(
             f"{CONFIG_KEY}.rl_policy_loss",
             f"unknown policy loss {built.rl_policy_loss!r}",
             f"use one of: {', '.join(POLICY_LOSS_REGISTRY)}",
         )
+
+
+def _warn_if_validation_teacher_kl_is_not_measured(config: DictConfig, requested: bool) -> None:
+    """The teacher KL at validation hooks the v1 trainer's synchronous mode only (verl/distill/validation_teacher_kl.py)."""
+    from verl.distill.loss_config import CONFIG_KEY
+
+    if not requested:
+        return
+    if _get(config, "trainer.use_v1", True) is False:
+        unmeasured_by = "trainer.use_v1=false (the legacy trainer)"
+    elif _get(config, "trainer.v1.trainer_mode", "sync") != "sync":
+        unmeasured_by = f"trainer.v1.trainer_mode={_get(config, 'trainer.v1.trainer_mode')}"
+    else:
+        return
+    logger.warning(
+        "verl-distill: %s.validation_teacher_kl: not measured with %s, only in the v1 trainer's sync mode; "
+        "set it to false to silence this",
+        CONFIG_KEY,
+        unmeasured_by,
+    )
 
 
 def _check_distillation_estimator(kl_loss_type: str) -> None:
