@@ -1,7 +1,7 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Ten things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Eleven things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
@@ -42,7 +42,13 @@ engine registries, config ``_target_`` classes). Ten things have no extension po
    updates) read every field of the batch from TransferQueue, the dataset's columns included, which
    no engine uses (on the toy step they cost 0.09 s of the reference pass and 0.06 s of the update):
    those phases read the tensor fields and the few per-sample objects an engine consumes
-   (:mod:`verl.distill.phase_fields`).
+   (:mod:`verl.distill.phase_fields`);
+11. the v1 trainer's reference pass scores every row, and verl has no hook to hand the reference
+   worker fewer rows (a custom trainer class would have to take over ``trainer_mode=sync``, which
+   ``register_trainer`` refuses to re-register): with ``actor.distill.select_strategy`` other than
+   ``all`` its ``_compute_ref_log_prob`` runs verl's own phase on the selected responses only and
+   marks the rest for the losses (:mod:`verl.distill.selective_teacher`). The run's driver names the
+   strategy in ``VERL_DISTILL_SELECT``.
 
 Each change applies only to the runs it is for (:data:`ADAPTATIONS`: a CPU job, a distillation
 run, the trainer's driver process), so installing verl-distill leaves every other verl run, a GPU
@@ -348,6 +354,25 @@ def _send_model_phases_their_fields(module: ModuleType) -> None:
         setattr(trainer_cls, name, send_model_fields_only(phase))
 
 
+# verl code the selective reference pass relies on: the phase it calls on a sub-batch writes
+# ref_log_prob for exactly that batch's keys, and _step_once scores rewards before that phase.
+SELECTIVE_REFERENCE_PASS_RELIES_ON = (("_compute_ref_log_prob", "6144382217765824"), ("_step_once", "b82ae0c246dd687f"))
+
+
+def _reference_pass_on_selected_responses(module: ModuleType) -> None:
+    require_supported_verl()
+    from verl.distill.selective_teacher import selective_reference_pass
+
+    trainer_cls = module.PPOTrainer
+    for name, fingerprint in SELECTIVE_REFERENCE_PASS_RELIES_ON:
+        require_unchanged(
+            getattr(trainer_cls, name),
+            fingerprint,
+            "set actor_rollout_ref.actor.distill.select_strategy=all, or install the verl verl-distill supports",
+        )
+    trainer_cls._compute_ref_log_prob = selective_reference_pass(trainer_cls._compute_ref_log_prob)
+
+
 def _wrap_driver_hook(module: ModuleType) -> None:
     require_supported_verl()
     from verl.distill.driver import check_command_line
@@ -427,6 +452,15 @@ def require_distillation_run() -> None:
         )
 
 
+RESPONSE_SELECTION_ENV = "VERL_DISTILL_SELECT"
+
+
+def response_selection_run() -> bool:
+    """True in every process of a distillation run whose teacher scores only some responses: the
+    driver names ``actor.distill.select_strategy`` in ``VERL_DISTILL_SELECT`` when it is not ``all``."""
+    return distillation_run() and os.environ.get(RESPONSE_SELECTION_ENV, "all") != "all"
+
+
 def _cpu_job() -> bool:
     from verl.distill.cpu_job import cpu_platform_active
 
@@ -496,6 +530,14 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
         "CPU job",
         _cpu_job,
         _send_model_phases_their_fields,
+    ),
+    # after the one above: the selected rows' sub-batch goes through it to verl's phase
+    Adaptation(
+        "verl.trainer.ppo.v1.trainer_base",
+        ("PPOTrainer._compute_ref_log_prob",),
+        "distillation run with select_strategy other than all",
+        response_selection_run,
+        _reference_pass_on_selected_responses,
     ),
     Adaptation(
         "verl.utils.model",
