@@ -94,7 +94,8 @@ def selective_reference_pass(stock_phase: Callable) -> Callable:
         if strategy in REWARD_RANKED_STRATEGIES:
             fields.append("rm_scores")
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        groups = [str(uid) for uid in data["uid"].tolist()]
+        # a list, NonTensorStack or numpy array depending on the TransferQueue backend
+        groups = [str(uid) for uid in list(data["uid"])]
         response_masks = data["response_mask"].unbind()
         response_tokens = [int(mask.sum()) for mask in response_masks]
         padding = [tag.get("is_padding", False) for tag in batch.tags]
