@@ -26,6 +26,9 @@ def test_hybrid_grpo_with_the_teacher_on_the_best_response_of_each_prompt(tiny_a
         f"actor_rollout_ref.rollout.n={N}",
         "actor_rollout_ref.actor.distill.select_strategy=best",
         f"actor_rollout_ref.actor.distill.select_k={K}",
+        # sized for the whole batch of PROMPTS * N rows, as for a stock reference pass: the teacher's
+        # PROMPTS * K rows need smaller micro-batches, which the selective pass picks
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={PROMPTS * N}",
     )
     assert every_step(run, "distill/select_ratio") == [K / N] * STEPS
     # the reference worker scored (and returned) one row per prompt, not N

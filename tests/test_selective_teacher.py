@@ -18,7 +18,7 @@ from transfer_queue import KVBatchMeta
 
 from verl.distill.loss_config import DistillLossConfig
 from verl.distill.response_selection import KL_WEIGHT_KEY, teacher_token_weights
-from verl.distill.selective_teacher import selective_reference_pass
+from verl.distill.selective_teacher import micro_batch_for, selective_reference_pass
 from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import PolicyLossConfig
@@ -52,10 +52,10 @@ class RecordingReferenceWorkers:
     """The reference worker group: records the keys it scores, writes full-sequence log-probs
     (position t holds the log-prob of token t + 1, as verl's engine returns them)."""
 
-    def __init__(self, store: Store, dp_size: int):
+    def __init__(self, store: Store, dp_size: int, micro_batch_size: int):
         self.store, self.scored = store, []
         self._dispatch_info = {}
-        self.dp_size = dp_size
+        self.dp_size, self.micro_batch_size = dp_size, micro_batch_size
 
     def _query_dispatch_info(self, mesh_name):
         assert mesh_name == "ref"
@@ -63,6 +63,9 @@ class RecordingReferenceWorkers:
 
     def compute_ref_log_prob(self, batch: KVBatchMeta) -> KVBatchMeta:
         assert len(batch) % self.dp_size == 0  # verl's dispatch splits it over the ranks
+        # verl's engine cuts each rank's rows into equal micro-batches (the batch's info wins over the config)
+        micro_batch_size = batch.extra_info.get("micro_batch_size_per_gpu", self.micro_batch_size)
+        assert micro_batch_size <= self.micro_batch_size and (len(batch) // self.dp_size) % micro_batch_size == 0
         self.scored.append(list(batch.keys))
         for key in batch.keys:
             row = self.store.rows[key]
@@ -116,7 +119,9 @@ def verls_reference_pass():
     return inspect.unwrap(PPOTrainer._compute_ref_log_prob)
 
 
-def run_phase(monkeypatch, strategy, k, groups=4, scores=None, padding_rows=0, dp_size=1, seed=None):
+def run_phase(
+    monkeypatch, strategy, k, groups=4, scores=None, padding_rows=0, dp_size=1, seed=None, micro_batch_size=None
+):
     store = Store()
     monkeypatch.setattr(transfer_queue, "kv_batch_get", store.kv_batch_get)
     monkeypatch.setattr(transfer_queue, "kv_batch_put", store.kv_batch_put)
@@ -126,11 +131,13 @@ def run_phase(monkeypatch, strategy, k, groups=4, scores=None, padding_rows=0, d
             "data": {"seed": seed},
             "actor_rollout_ref": {
                 "rollout": {"temperature": 1.0, "n": N},
+                # sized for the whole batch, as a user sets it for a stock reference pass
+                "ref": {"log_prob_micro_batch_size_per_gpu": micro_batch_size or (groups * N + padding_rows) // dp_size},
                 "actor": {"distill": {"select_strategy": strategy, "select_k": k}},
             },
         }
     )
-    workers = RecordingReferenceWorkers(store, dp_size)
+    workers = RecordingReferenceWorkers(store, dp_size, config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu)
     trainer = SimpleNamespace(config=config, ref_policy_wg=workers, ref_in_actor=False, global_steps=3)
     metrics = {}
     returned = selective_reference_pass(verls_reference_pass())(trainer, batch, metrics)
@@ -167,8 +174,10 @@ def test_the_teacher_scores_only_the_selected_responses(monkeypatch, k):
     assert metrics["distill/teacher_token_share"] == pytest.approx(
         sum(seq_len[key] for key in scored) / sum(seq_len.values())
     )
-    # what verl's phase sets for the phases after it reached the step's batch
+    # what verl's phase sets for the phases after it reached the step's batch, not the reference
+    # pass's micro-batch size (the actor's worker would take it as its own)
     assert batch.extra_info["temperature"] == 1.0 and batch.extra_info["compute_loss"] is False
+    assert "micro_batch_size_per_gpu" not in batch.extra_info
 
 
 def test_the_kl_weights_make_a_token_mean_over_the_scored_responses(monkeypatch):
@@ -201,6 +210,17 @@ def test_a_sub_batch_the_reference_ranks_cannot_split_evenly_is_filled_with_padd
     assert len(scored) == 4 and sum(key.startswith("pad_") for key in scored) == 1
     assert metrics["distill/teacher_rows"] == 4 and metrics["distill/select_ratio"] == 0.25
     assert len(selected_keys(store, batch)) == 3  # the filler row is scored but weighs nothing
+
+
+@pytest.mark.parametrize("rows_per_rank, configured, expected", [(4, 16, 4), (16, 16, 16), (6, 4, 3), (7, 4, 1), (12, 8, 6)])
+def test_the_micro_batch_is_the_largest_that_divides_the_selected_rows(rows_per_rank, configured, expected):
+    assert micro_batch_for(rows_per_rank, configured) == expected
+
+
+def test_a_micro_batch_size_chosen_for_the_whole_batch_still_splits_the_selected_rows(monkeypatch):
+    # 6 prompts x 4 = 24 rows with micro-batches of 8; the teacher gets 6 rows, micro-batches of 6
+    _, _, workers, _ = run_phase(monkeypatch, "random", 1, groups=6, micro_batch_size=8)
+    assert len(workers.scored[0]) == 6
 
 
 def test_select_all_is_verls_reference_pass(monkeypatch):

@@ -355,21 +355,30 @@ def _send_model_phases_their_fields(module: ModuleType) -> None:
 
 
 # verl code the selective reference pass relies on: the phase it calls on a sub-batch writes
-# ref_log_prob for exactly that batch's keys, and _step_once scores rewards before that phase.
-SELECTIVE_REFERENCE_PASS_RELIES_ON = (("_compute_ref_log_prob", "6144382217765824"), ("_step_once", "b82ae0c246dd687f"))
+# ref_log_prob for exactly that batch's keys, _step_once scores rewards before that phase, and the
+# reference worker takes its micro-batch size from the batch's info when the batch carries one.
+SELECTIVE_REFERENCE_PASS_RELIES_ON = (
+    ("verl.trainer.ppo.v1.trainer_base", "PPOTrainer._compute_ref_log_prob", "6144382217765824"),
+    ("verl.trainer.ppo.v1.trainer_base", "PPOTrainer._step_once", "b82ae0c246dd687f"),
+    ("verl.workers.engine_workers", "TrainingWorker.infer_batch", "3ebb58da0ac11502"),
+)
 
 
 def _reference_pass_on_selected_responses(module: ModuleType) -> None:
     require_supported_verl()
     from verl.distill.selective_teacher import selective_reference_pass
 
-    trainer_cls = module.PPOTrainer
-    for name, fingerprint in SELECTIVE_REFERENCE_PASS_RELIES_ON:
+    import importlib
+
+    for module_name, qualified_name, fingerprint in SELECTIVE_REFERENCE_PASS_RELIES_ON:
+        owner = module if module_name == "verl.trainer.ppo.v1.trainer_base" else importlib.import_module(module_name)
+        class_name, function_name = qualified_name.split(".")
         require_unchanged(
-            getattr(trainer_cls, name),
+            getattr(getattr(owner, class_name), function_name),
             fingerprint,
             "set actor_rollout_ref.actor.distill.select_strategy=all, or install the verl verl-distill supports",
         )
+    trainer_cls = module.PPOTrainer
     trainer_cls._compute_ref_log_prob = selective_reference_pass(trainer_cls._compute_ref_log_prob)
 
 

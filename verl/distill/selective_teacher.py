@@ -10,7 +10,9 @@ With ``actor_rollout_ref.actor.distill.select_strategy`` other than ``all``,
 2. picks ``select_k`` rows per group (:func:`verl.distill.response_selection.select_responses`);
 3. runs verl's own reference pass on a sub-batch holding only those rows (rounded up to a multiple of
    the reference mesh's data-parallel size with the cheapest other rows, then balanced across its
-   ranks), so the teacher's forward never sees the other rows;
+   ranks), so the teacher's forward never sees the other rows. verl's engine cuts a rank's rows into
+   equal micro-batches of ``ref.log_prob_micro_batch_size_per_gpu``, a size chosen for the whole
+   batch: the sub-batch carries the largest size up to it that divides its rows per rank;
 4. writes ``ref_log_prob`` = 0 for the rows the teacher did not score, and for every row the per-token
    :data:`~verl.distill.response_selection.KL_WEIGHT_KEY` the losses read: the KL to the teacher is
    then a token mean over the selected responses, and 0 elsewhere. The policy-gradient term of the
@@ -23,6 +25,7 @@ returned), ``distill/teacher_token_share`` (those tokens / the tokens a stock re
 
 import functools
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 from tensordict import TensorDict
@@ -70,6 +73,29 @@ def _rows_for_the_teacher(batch, selected: list[bool], dp_size: int) -> list[int
         partitions = get_seqlen_balanced_partitions(workload, k_partitions=dp_size, equal_size=True)
         rows = [rows[i] for partition in partitions for i in partition]
     return rows
+
+
+# the reference worker's micro-batch size, read from the batch's info before its own config
+MICRO_BATCH_KEY = "micro_batch_size_per_gpu"
+
+
+def _configured_micro_batch(config, dp_size: int) -> Optional[int]:
+    """The reference pass's fixed micro-batch size per rank, None with dynamic batch sizes (or unset)."""
+    ref = config.actor_rollout_ref.ref
+    if ref.get("log_prob_use_dynamic_bsz", False):
+        return None
+    if ref.get("log_prob_micro_batch_size_per_gpu", None):
+        return int(ref.log_prob_micro_batch_size_per_gpu)
+    if ref.get("log_prob_micro_batch_size", None):
+        return max(int(ref.log_prob_micro_batch_size) // dp_size, 1)
+    return None
+
+
+def micro_batch_for(rows_per_rank: int, configured: int) -> int:
+    """The largest micro-batch size of at most ``configured`` rows that divides ``rows_per_rank``: verl's
+    engine splits a rank's rows into equal micro-batches, and the selected rows are fewer than the
+    batch the configured size was chosen for."""
+    return max(size for size in range(1, min(configured, rows_per_rank) + 1) if rows_per_rank % size == 0)
 
 
 def _per_token(values: list[float], lengths: list[int]) -> torch.Tensor:
@@ -120,11 +146,16 @@ def selective_reference_pass(stock_phase: Callable) -> Callable:
         for row, keep in zip(real, chosen, strict=True):
             selected[row] = keep
 
-        teacher_rows = _rows_for_the_teacher(batch, selected, _reference_dp_size(trainer))
+        dp_size = _reference_dp_size(trainer)
+        teacher_rows = _rows_for_the_teacher(batch, selected, dp_size)
         sub_batch = batch.select_keys([batch.keys[row] for row in teacher_rows])
+        configured = _configured_micro_batch(trainer.config, dp_size)
+        if configured is not None:
+            sub_batch.extra_info[MICRO_BATCH_KEY] = micro_batch_for(len(teacher_rows) // dp_size, configured)
         stock_phase(trainer, sub_batch, metrics)
-        # what verl's phase leaves in the batch's info for the phases after it
-        batch.extra_info.update(sub_batch.extra_info)
+        # what verl's phase leaves in the batch's info for the phases after it (not the reference
+        # pass's micro-batch size, which the actor's worker would read as its own)
+        batch.extra_info.update({key: value for key, value in sub_batch.extra_info.items() if key != MICRO_BATCH_KEY})
 
         scored = set(teacher_rows)
         unscored = [row for row in range(len(batch)) if row not in scored]
