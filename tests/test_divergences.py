@@ -449,6 +449,8 @@ def test_loss_config_documents_every_option_with_its_default():
         "distillation_coef",
         "rl_policy_loss",
         "validation_teacher_kl",
+        "select_strategy",
+        "select_k",
     }
     for option in options:
         assert option.metadata["help"].startswith(f"Default {option.default}."), option.name

@@ -92,6 +92,16 @@ def _bad_input_cases():
         ),
         pytest.param(
             "distillation_trainer",
+            lambda assets, scratch: [
+                "actor_rollout_ref.rollout.n=4",
+                "actor_rollout_ref.actor.distill.select_strategy=best",
+            ],
+            "actor_rollout_ref.actor.distill.select_strategy: best ranks a prompt's responses by their task "
+            "reward, but the distillation reward manager gives every response 0",
+            id="best response selection with zero rewards",
+        ),
+        pytest.param(
+            "distillation_trainer",
             lambda assets, scratch: [f"data.train_files={_parquet_without_prompts(scratch)}"],
             "data.train_files ({scratch}/questions.parquet): has no 'prompt' column",
             id="data file without a prompt column",

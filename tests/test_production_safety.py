@@ -142,6 +142,44 @@ def test_a_distillation_run_is_marked_for_every_ray_process(undecided_driver, mo
     assert config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_DISTILL_RUN == "1"
 
 
+def test_a_selection_run_names_its_strategy_for_every_ray_process(undecided_driver, monkeypatch, tiny_assets):
+    for name in ("VERL_PLATFORM", "VERL_DISTILL_RUN", "VERL_DISTILL_SELECT"):
+        monkeypatch.setenv(name, "")  # restored after the test; the driver sets them
+    config = _trainer_config(
+        [
+            f"actor_rollout_ref.model.path={tiny_assets.student}",
+            f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
+            f"data.train_files={tiny_assets.train_files}",
+            f"data.val_files={tiny_assets.val_files}",
+            "actor_rollout_ref.actor.distill.select_strategy=best",
+            "actor_rollout_ref.actor.distill.select_k=2",
+        ],
+        config_name="distillation_hybrid_trainer",
+    )
+    driver.choose_platform(config)
+    driver.prepare_trainer_config(config)
+    assert os.environ["VERL_DISTILL_SELECT"] == "best"
+    assert config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_DISTILL_SELECT == "best"
+
+
+def test_a_run_that_selects_nothing_is_not_named_a_selection_run(undecided_driver, monkeypatch, tiny_assets):
+    for name in ("VERL_PLATFORM", "VERL_DISTILL_RUN", "VERL_DISTILL_SELECT"):
+        monkeypatch.setenv(name, "")
+    config = _trainer_config(
+        [
+            f"actor_rollout_ref.model.path={tiny_assets.student}",
+            f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
+            f"data.train_files={tiny_assets.train_files}",
+            f"data.val_files={tiny_assets.val_files}",
+        ],
+        config_name="distillation_hybrid_trainer",
+    )
+    driver.choose_platform(config)
+    driver.prepare_trainer_config(config)
+    assert os.environ["VERL_DISTILL_SELECT"] == ""
+    assert "VERL_DISTILL_SELECT" not in config.ray_kwargs.ray_init.runtime_env.env_vars
+
+
 def test_no_process_picks_the_cpu_platform_by_itself():
     result = _python(
         "from verl.plugin.platform import get_platform; print(get_platform().device_name)",
@@ -202,7 +240,7 @@ def _ours(file: str) -> bool:
 
 
 def test_a_stock_gpu_run_keeps_every_verl_symbol_that_verl_distill_can_adapt():
-    files = _symbol_files({"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": None})
+    files = _symbol_files({"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": None, "VERL_DISTILL_SELECT": None})
     expected = {f"{a.module}.{name}" for a in compat.ADAPTATIONS for name in a.replaces}
     assert set(files) == expected and len(files) >= 16
     assert [symbol for symbol, file in files.items() if _ours(file)] == []
@@ -214,7 +252,7 @@ def test_a_cpu_distillation_driver_has_every_adaptation():
 
 
 def test_a_gpu_distillation_run_adapts_only_what_distillation_needs():
-    files = _symbol_files({"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": "1"})
+    files = _symbol_files({"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": "1", "VERL_DISTILL_SELECT": None})
     adapted = {symbol for symbol, file in files.items() if _ours(file)}
     assert adapted == {
         "verl.workers.engine_workers.ppo_loss",
@@ -223,6 +261,24 @@ def test_a_gpu_distillation_run_adapts_only_what_distillation_needs():
         "verl.utils.tracking.FileLogger",
         "verl.trainer.ppo.v1.trainer_base.PPOTrainer._validate",
     }
+
+
+def test_a_gpu_selection_run_also_adapts_the_reference_pass():
+    files = _symbol_files({"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": "1", "VERL_DISTILL_SELECT": "random"})
+    adapted = {symbol for symbol, file in files.items() if _ours(file)}
+    assert adapted == {
+        "verl.workers.engine_workers.ppo_loss",
+        "verl.workers.engine_workers.ActorRolloutRefWorker.init_model",
+        "verl.utils.checkpoint.checkpoint_manager.find_latest_ckpt_path",
+        "verl.utils.tracking.FileLogger",
+        "verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_ref_log_prob",
+    }
+    assert files["verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_ref_log_prob"].endswith("selective_teacher.py")
+
+
+def test_a_selection_strategy_outside_a_distillation_run_adapts_nothing():
+    files = _symbol_files({"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": None, "VERL_DISTILL_SELECT": "random"})
+    assert [symbol for symbol, file in files.items() if _ours(file)] == []
 
 
 def test_a_distillation_config_outside_a_marked_run_is_refused(monkeypatch):
@@ -253,6 +309,21 @@ def test_changed_verl_code_under_a_fork_fails_loudly():
     with pytest.raises(compat.UnsupportedVerlError, match="agent_loop_manager_class") as error:
         compat.require_unchanged(changed, "2adabe2def267da2", "use verl's own agent loop (agent_loop_manager_class=...)")
     assert "\n" not in str(error.value) and "source fingerprint" in str(error.value)
+
+
+def test_the_selective_reference_pass_is_pinned_to_the_verl_code_it_relies_on():
+    from types import SimpleNamespace
+
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    class ChangedTrainer(PPOTrainer):
+        def _compute_ref_log_prob(self, batch, metrics):
+            return batch
+
+    with pytest.raises(compat.UnsupportedVerlError, match="select_strategy=all") as error:
+        compat._reference_pass_on_selected_responses(SimpleNamespace(PPOTrainer=ChangedTrainer))
+    assert "\n" not in str(error.value) and "_compute_ref_log_prob" in str(error.value)
+    assert ChangedTrainer.__dict__["_compute_ref_log_prob"].__module__ == __name__  # left unchanged
 
 
 _UNKNOWN_VERL = textwrap.dedent(

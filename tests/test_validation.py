@@ -300,6 +300,81 @@ def test_hybrid_with_unknown_policy_loss(files):
     assert refusal(config).startswith("actor_rollout_ref.actor.distill.rl_policy_loss: unknown policy loss 'nope'")
 
 
+# --- distill.select_strategy / select_k --------------------------------------------------------
+
+SELECT_KEY = "actor_rollout_ref.actor.distill.select_strategy"
+SELECT_K_KEY = "actor_rollout_ref.actor.distill.select_k"
+
+
+@pytest.mark.parametrize(
+    "config_name, overrides",
+    [
+        ("distillation_hybrid_trainer", [f"{SELECT_KEY}=best", f"{SELECT_K_KEY}=2"]),
+        ("distillation_hybrid_trainer", [f"{SELECT_KEY}=worst", f"{SELECT_K_KEY}=3"]),
+        ("distillation_hybrid_trainer", [f"{SELECT_KEY}=random"]),
+        ("distillation_trainer", [f"{SELECT_KEY}=random", "actor_rollout_ref.rollout.n=4"]),
+    ],
+)
+def test_selection_strategies_that_can_work_pass(files, config_name, overrides):
+    validate_distillation_config(distillation_config(files, *overrides, config_name=config_name))
+
+
+@pytest.mark.parametrize(
+    "config_name, overrides, start",
+    [
+        (
+            "distillation_hybrid_trainer",
+            [f"{SELECT_KEY}=top"],
+            f"{SELECT_KEY}: 'top' is not a selection strategy (valid: all, random, best, worst)",
+        ),
+        ("distillation_hybrid_trainer", [f"{SELECT_KEY}=random", f"{SELECT_K_KEY}=0"], f"{SELECT_K_KEY}: 0 must be"),
+        (
+            "distillation_hybrid_trainer",
+            [f"{SELECT_KEY}=random", f"{SELECT_K_KEY}=5"],
+            f"{SELECT_K_KEY}: is 5: it selects more than the 4 responses of each prompt",
+        ),
+        (
+            "distillation_hybrid_trainer",
+            [f"{SELECT_KEY}=best", f"{SELECT_K_KEY}=4"],
+            f"{SELECT_K_KEY}: is 4: it selects all 4 responses of each prompt",
+        ),
+        (
+            "distillation_trainer",
+            [f"{SELECT_KEY}=random"],
+            f"{SELECT_KEY}: random chooses among a prompt's responses, but actor_rollout_ref.rollout.n=1 gives one",
+        ),
+        (
+            "distillation_trainer",
+            [f"{SELECT_KEY}=best", "actor_rollout_ref.rollout.n=4"],
+            f"{SELECT_KEY}: best ranks a prompt's responses by their task reward, but the distillation reward "
+            "manager gives every response 0; fix: set " + f"{SELECT_KEY}=random",
+        ),
+        (
+            "distillation_trainer",
+            [f"{SELECT_KEY}=random", "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.policy_loss.loss_mode=reverse_kl_topk"],
+            f"{SELECT_KEY}: random leaves the teacher's log-probs of unselected responses uncomputed, which loss_mode reverse_kl_topk",
+        ),
+        (
+            "distillation_opd_trainer",
+            [f"{SELECT_KEY}=random", "actor_rollout_ref.rollout.n=4"],
+            f"{SELECT_KEY}: random leaves the teacher's log-probs of unselected responses uncomputed, which loss_mode vanilla",
+        ),
+        (
+            "distillation_hybrid_trainer",
+            [f"{SELECT_KEY}=random", "algorithm.use_kl_in_reward=true"],
+            f"{SELECT_KEY}: random leaves the teacher's log-probs of unselected responses uncomputed, which the in-reward",
+        ),
+        (
+            "distillation_hybrid_trainer",
+            [f"{SELECT_KEY}=random", "trainer.use_v1=false"],
+            f"{SELECT_KEY}: random selects responses in the v1 trainer's reference pass",
+        ),
+    ],
+)
+def test_selection_that_cannot_work_is_one_line(files, config_name, overrides, start):
+    assert refusal(distillation_config(files, *overrides, config_name=config_name)).startswith(start)
+
+
 # --- distill.topk and the vocabulary ----------------------------------------------------------
 
 TOPK_KEY = "actor_rollout_ref.actor.distill.topk"

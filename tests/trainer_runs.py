@@ -57,7 +57,7 @@ def run_trainer(
     metrics_file = workdir / f"metrics-{len(list(workdir.glob('metrics-*.jsonl')))}.jsonl"
     env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_file), HYDRA_FULL_ERROR="0")
     # the test process's own marks (conftest): the trainer's driver decides them for its run
-    for decided_by_the_driver in ("VERL_PLATFORM", "VERL_DISTILL_RUN"):
+    for decided_by_the_driver in ("VERL_PLATFORM", "VERL_DISTILL_RUN", "VERL_DISTILL_SELECT"):
         env.pop(decided_by_the_driver, None)
     if ray_tmpdir is not None:
         env["RAY_TMPDIR"] = str(ray_tmpdir)

@@ -1,7 +1,7 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Eleven things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Twelve things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
@@ -49,6 +49,12 @@ engine registries, config ``_target_`` classes). Eleven things have no extension
    that name with ``"sync"`` in its buffer, checkpoint and rollout code): in a distillation run,
    ``_validate`` has each validation batch scored by the student and the teacher before verl reads
    it, and adds their KL to its metrics (:mod:`verl.distill.validation_teacher_kl`).
+12. the v1 trainer's reference pass scores every row, and verl has no hook to hand the reference
+   worker fewer rows (a custom trainer class would have to take over ``trainer_mode=sync``, which
+   ``register_trainer`` refuses to re-register): with ``actor.distill.select_strategy`` other than
+   ``all`` its ``_compute_ref_log_prob`` runs verl's own phase on the selected responses only and
+   marks the rest for the losses (:mod:`verl.distill.selective_teacher`). The run's driver names the
+   strategy in ``VERL_DISTILL_SELECT``.
 
 Each change applies only to the runs it is for (:data:`ADAPTATIONS`: a CPU job, a distillation
 run, the trainer's driver process), so installing verl-distill leaves every other verl run, a GPU
@@ -373,6 +379,32 @@ def _measure_teacher_kl_on_validation(module: ModuleType) -> None:
         "the actor's compute_log_prob no longer leaves the log-probs in the batch's log_probs field",
     )
     trainer_cls._validate = measure_teacher_kl(trainer_cls._validate)
+# verl code the selective reference pass relies on: the phase it calls on a sub-batch writes
+# ref_log_prob for exactly that batch's keys, _step_once scores rewards before that phase, and the
+# reference worker takes its micro-batch size from the batch's info when the batch carries one.
+SELECTIVE_REFERENCE_PASS_RELIES_ON = (
+    ("verl.trainer.ppo.v1.trainer_base", "PPOTrainer._compute_ref_log_prob", "6144382217765824"),
+    ("verl.trainer.ppo.v1.trainer_base", "PPOTrainer._step_once", "b82ae0c246dd687f"),
+    ("verl.workers.engine_workers", "TrainingWorker.infer_batch", "3ebb58da0ac11502"),
+)
+
+
+def _reference_pass_on_selected_responses(module: ModuleType) -> None:
+    require_supported_verl()
+    from verl.distill.selective_teacher import selective_reference_pass
+
+    import importlib
+
+    for module_name, qualified_name, fingerprint in SELECTIVE_REFERENCE_PASS_RELIES_ON:
+        owner = module if module_name == "verl.trainer.ppo.v1.trainer_base" else importlib.import_module(module_name)
+        class_name, function_name = qualified_name.split(".")
+        require_unchanged(
+            getattr(getattr(owner, class_name), function_name),
+            fingerprint,
+            "set actor_rollout_ref.actor.distill.select_strategy=all, or install the verl verl-distill supports",
+        )
+    trainer_cls = module.PPOTrainer
+    trainer_cls._compute_ref_log_prob = selective_reference_pass(trainer_cls._compute_ref_log_prob)
 
 
 def _wrap_driver_hook(module: ModuleType) -> None:
@@ -454,6 +486,15 @@ def require_distillation_run() -> None:
         )
 
 
+RESPONSE_SELECTION_ENV = "VERL_DISTILL_SELECT"
+
+
+def response_selection_run() -> bool:
+    """True in every process of a distillation run whose teacher scores only some responses: the
+    driver names ``actor.distill.select_strategy`` in ``VERL_DISTILL_SELECT`` when it is not ``all``."""
+    return distillation_run() and os.environ.get(RESPONSE_SELECTION_ENV, "all") != "all"
+
+
 def _cpu_job() -> bool:
     from verl.distill.cpu_job import cpu_platform_active
 
@@ -523,6 +564,14 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
         "CPU job",
         _cpu_job,
         _send_model_phases_their_fields,
+    ),
+    # after the one above: the selected rows' sub-batch goes through it to verl's phase
+    Adaptation(
+        "verl.trainer.ppo.v1.trainer_base",
+        ("PPOTrainer._compute_ref_log_prob",),
+        "distillation run with select_strategy other than all",
+        response_selection_run,
+        _reference_pass_on_selected_responses,
     ),
     Adaptation(
         "verl.trainer.ppo.v1.trainer_base",

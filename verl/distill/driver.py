@@ -185,8 +185,13 @@ def _check_resumable(config: DictConfig) -> None:
 
 
 def _mark_distillation_run(config: DictConfig) -> None:
-    from verl.distill.compat import DISTILLATION_RUN_ENV
+    from verl.distill.compat import DISTILLATION_RUN_ENV, RESPONSE_SELECTION_ENV
     from verl.distill.cpu_job import set_job_env_var
+    from verl.distill.selective_teacher import selection_options
 
     os.environ[DISTILLATION_RUN_ENV] = "1"
     set_job_env_var(config, DISTILLATION_RUN_ENV, "1")
+    strategy, _ = selection_options(config)
+    if strategy != "all":
+        os.environ[RESPONSE_SELECTION_ENV] = strategy
+        set_job_env_var(config, RESPONSE_SELECTION_ENV, strategy)

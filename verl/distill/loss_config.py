@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 from verl.base_config import BaseConfig
+from verl.distill.response_selection import SELECT_STRATEGIES
 
 CONFIG_KEY = "actor_rollout_ref.actor.distill"
 
@@ -143,6 +144,27 @@ class DistillLossConfig(BaseConfig):
                 "student's validation responses, and the per-token KL(student || teacher) estimate k3 is logged "
                 "as val-core/<data_source>/teacher_kl/mean@<n> (verl.distill.validation_teacher_kl). false skips "
                 "both passes. Costs no generation; measured in trainer.v1.trainer_mode=sync."
+    select_strategy: str = field(
+        default="all",
+        metadata={
+            "help": (
+                "Default all. Which of each prompt's rollout.n responses the teacher scores (loss_mode "
+                "distillation or hybrid, GKD inside PPO): all; random (select_k drawn reproducibly from "
+                "data.seed, the step and the prompt); best / worst (the select_k with the highest / lowest "
+                "task reward, ties broken by the same draw; needs a reward manager other than distillation). "
+                "The teacher's forward pass runs on the selected responses only, so its cost falls to about "
+                "select_k / rollout.n; the KL to the teacher is the token mean over their tokens, while the "
+                "hybrid loss's policy-gradient term still uses every response."
+            )
+        },
+    )
+    select_k: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "Default 1. Responses per prompt the teacher scores when select_strategy is not all "
+                "(ignored with all). 1 <= select_k < rollout.n; a prompt group with fewer rows than select_k "
+                "is scored whole."
             )
         },
     )
@@ -167,6 +189,18 @@ class DistillLossConfig(BaseConfig):
             "distillation_coef",
             f"and rl_coef={self.rl_coef!r} are both 0, so the hybrid loss would train nothing",
             "1.0",
+        )
+        self._require(
+            self.select_strategy in SELECT_STRATEGIES,
+            "select_strategy",
+            f"is not a selection strategy (valid: {', '.join(SELECT_STRATEGIES)})",
+            "all",
+        )
+        self._require(
+            isinstance(self.select_k, int) and not isinstance(self.select_k, bool) and self.select_k >= 1,
+            "select_k",
+            "must be a whole number >= 1",
+            "1",
         )
         self._require(
             isinstance(self.rl_policy_loss, str) and self.rl_policy_loss != "",

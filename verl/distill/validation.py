@@ -94,6 +94,7 @@ def validate_distillation_config(config: DictConfig) -> None:
     _check_loss(config)
     _check_distill_options(config)
     _check_rewards_and_advantages(config)
+    _check_response_selection(config)
     for key in DATA_FILE_KEYS:
         _check_data_files(config, key)
     _check_model_folders(config)
@@ -445,6 +446,65 @@ def _check_rewards_and_advantages(config: DictConfig) -> None:
             "actor_rollout_ref.rollout.n",
             f"grpo_passk compares samples of a prompt and needs at least 2, got {n}",
             "set algorithm.adv_estimator=grpo, or actor_rollout_ref.rollout.n=2 or more",
+        )
+
+
+# the losses that read the teacher's sampled-token log-probs, which the selective reference pass
+# leaves at 0 (and weighs 0) for the responses it did not score
+SELECTION_LOSS_MODES = ("distillation", "hybrid")
+
+
+def _check_response_selection(config: DictConfig) -> None:
+    """``distill.select_strategy`` other than ``all`` (verl/distill/selective_teacher.py)."""
+    from verl.distill.loss_config import CONFIG_KEY
+    from verl.distill.response_selection import REWARD_RANKED_STRATEGIES
+
+    strategy_key, k_key = f"{CONFIG_KEY}.select_strategy", f"{CONFIG_KEY}.select_k"
+    strategy = _get(config, strategy_key, "all")
+    if strategy == "all":
+        return
+    loss_mode = _get(config, LOSS_MODE_KEY)
+    if loss_mode not in SELECTION_LOSS_MODES:
+        raise DistillConfigError(
+            strategy_key,
+            f"{strategy} leaves the teacher's log-probs of unselected responses uncomputed, which loss_mode "
+            f"{loss_mode} would read (selection works with loss_mode {' or '.join(SELECTION_LOSS_MODES)})",
+            f"set {strategy_key}=all, or {LOSS_MODE_KEY}=hybrid",
+        )
+    if _get(config, "algorithm.use_kl_in_reward"):
+        raise DistillConfigError(
+            strategy_key,
+            f"{strategy} leaves the teacher's log-probs of unselected responses uncomputed, which the "
+            "in-reward KL penalty (algorithm.use_kl_in_reward=true) reads for every response",
+            f"set {strategy_key}=all, or algorithm.use_kl_in_reward=false",
+        )
+    if _get(config, "trainer.use_v1", True) is False:
+        raise DistillConfigError(
+            strategy_key,
+            f"{strategy} selects responses in the v1 trainer's reference pass; trainer.use_v1=false is the legacy trainer",
+            f"drop trainer.use_v1=false, or set {strategy_key}=all",
+        )
+    n, k = _get(config, "actor_rollout_ref.rollout.n"), _get(config, k_key, 1)
+    if n == 1:
+        raise DistillConfigError(
+            strategy_key,
+            f"{strategy} chooses among a prompt's responses, but actor_rollout_ref.rollout.n=1 gives one",
+            f"set {strategy_key}=all, or actor_rollout_ref.rollout.n=2 or more",
+        )
+    if k >= n:
+        raise DistillConfigError(
+            k_key,
+            f"is {k}: it selects {'all' if k == n else 'more than the'} {n} responses of each prompt "
+            f"(actor_rollout_ref.rollout.n={n})",
+            f"set {k_key} between 1 and {n - 1}, or {strategy_key}=all",
+        )
+    if strategy in REWARD_RANKED_STRATEGIES and _get(config, REWARD_MANAGER_KEY) == DISTILLATION_REWARD_MANAGER:
+        raise DistillConfigError(
+            strategy_key,
+            f"{strategy} ranks a prompt's responses by their task reward, but the {DISTILLATION_REWARD_MANAGER} "
+            "reward manager gives every response 0",
+            f"set {strategy_key}=random, or use task rewards (--config-name=distillation_hybrid_trainer, "
+            f"{REWARD_MANAGER_KEY}=naive)",
         )
 
 

@@ -36,6 +36,7 @@ OPTION_KEY = "validation_teacher_kl"
 METRIC_VARIABLE = "teacher_kl"
 TIMING_KEY = "timing_s/val_teacher_kl"
 UNKNOWN_DATA_SOURCE = "unknown"  # verl's name for rows without a data_source
+VALIDATION_PARTITION = "val"  # verl's TransferQueue partition of validation batches
 
 
 def token_k3(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
@@ -208,7 +209,7 @@ def measure_teacher_kl(validate: Callable) -> Callable:
         def sample_and_measure(*args, **kwargs):
             nonlocal seconds
             batch, sample_metrics = stock_sample(*args, **kwargs)
-            if kwargs.get("partition_id") == "val":
+            if kwargs.get("partition_id") == VALIDATION_PARTITION:
                 started = time.perf_counter()
                 measure_batch(trainer, batch, tally)
                 seconds += time.perf_counter() - started

@@ -7,7 +7,8 @@
   ``data["advantages"]``, so GRPO (group-normalised scores) and PPO (GAE with a critic) both work.
 * ``kl_loss``: the sampled-token estimate of KL(student || teacher) with ``actor.kl_loss_type``, the
   same per-token term as the ``distillation`` loss, with the teacher's log-probs from the reference
-  slot (``data["ref_log_prob"]``).
+  slot (``data["ref_log_prob"]``). With ``distill.select_strategy`` other than ``all`` (GKD's
+  selection) it covers only the responses the teacher scored, ``pg_loss`` still every response.
 
 ``distill.rl_coef`` and ``distill.distillation_coef`` are the only weights: ``actor.kl_loss_coef`` is not
 read, so the teacher term is never weighted twice. ``distillation`` with ``kl_loss_coef = c`` equals
@@ -22,7 +23,12 @@ from verl.distill.divergences import check_sampled_kl_estimator
 from verl.distill.loss_config import CONFIG_KEY, DistillLossConfig
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss
 from verl.utils.metric import AggregationType, Metric
-from verl.workers.roles.utils.losses import global_batch_info_for, loss_metric_aggregation, sampled_kl_to_teacher
+from verl.workers.roles.utils.losses import (
+    TeacherScoredTokens,
+    global_batch_info_for,
+    loss_metric_aggregation,
+    sampled_kl_to_teacher,
+)
 from verl.workers.utils.padding import no_padding_2_padding
 
 
@@ -64,11 +70,12 @@ def hybrid_loss(config, model_output, data: TensorDict, dp_group=None):
     global_batch_info = global_batch_info_for(config, data)
     metric_aggregation = loss_metric_aggregation(global_batch_info)
 
-    fields = ["response_mask", "old_log_probs", "advantages", "ref_log_prob"]
+    fields = ["response_mask", "old_log_probs", "advantages", "ref_log_prob", *TeacherScoredTokens.fields(data)]
     if "rollout_is_weights" in data.keys():
         fields.append("rollout_is_weights")
     padded = data.select(*fields).to_padded_tensor()
     response_mask = padded["response_mask"].to(bool)
+    scored = TeacherScoredTokens.from_padded(padded, response_mask)
 
     pg_loss, pg_metrics = policy_loss_fn(
         old_log_prob=padded["old_log_probs"],
@@ -81,18 +88,13 @@ def hybrid_loss(config, model_output, data: TensorDict, dp_group=None):
     )
 
     teacher_log_prob, per_token_kl = sampled_kl_to_teacher(
-        config, options, student_log_prob, padded["ref_log_prob"], response_mask
+        config, options, student_log_prob, padded["ref_log_prob"], scored.mask
     )
-    kl_loss = agg_loss(
-        loss_mat=per_token_kl, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode, **global_batch_info
-    )
+    kl_loss = scored.aggregate(per_token_kl, config, options, global_batch_info)
     loss = options.rl_coef * pg_loss + options.distillation_coef * kl_loss
 
     def token_mean(values: torch.Tensor) -> Metric:
-        mean = agg_loss(
-            loss_mat=values.detach().float(), loss_mask=response_mask, loss_agg_mode="token-mean", **global_batch_info
-        )
-        return Metric(value=mean, aggregation=metric_aggregation)
+        return Metric(value=scored.token_mean(values, global_batch_info), aggregation=metric_aggregation)
 
     # verl's policy-loss metrics are means over this micro-batch (as ppo_loss aggregates them).
     metrics = Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN)

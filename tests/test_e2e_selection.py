@@ -1,0 +1,55 @@
+"""GKD inside PPO with a selection strategy: hybrid GRPO (rollout.n = 4) whose teacher scores only the
+best response of each prompt, 5 training steps on a CPU through ``python -m verl.trainer.main_ppo``.
+
+One run checks, at every step, the share of responses selected, that the reference (teacher) pass
+scored exactly those rows and tokens, and that both loss terms train.
+"""
+
+import pytest
+from test_e2e_loss_modes import DIGIT_FRACTION_SCORER, STEPS, every_step, train
+from trainer_runs import TINY_RUN
+
+pytestmark = pytest.mark.slow
+
+N, K = 4, 1
+PROMPTS = int(next(o for o in TINY_RUN if o.startswith("data.train_batch_size=")).split("=")[1])
+
+
+def test_hybrid_grpo_with_the_teacher_on_the_best_response_of_each_prompt(tiny_assets, tmp_path):
+    scorer = tmp_path / "digit_fraction.py"
+    scorer.write_text(DIGIT_FRACTION_SCORER)
+    run = train(
+        tiny_assets,
+        tmp_path,
+        "distillation_hybrid_trainer",
+        f"reward.custom_reward_function.path={scorer}",
+        f"actor_rollout_ref.rollout.n={N}",
+        "actor_rollout_ref.actor.distill.select_strategy=best",
+        f"actor_rollout_ref.actor.distill.select_k={K}",
+        # sized for the whole batch of PROMPTS * N rows, as for a stock reference pass: the teacher's
+        # PROMPTS * K rows need smaller micro-batches, which the selective pass picks
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={PROMPTS * N}",
+    )
+    assert every_step(run, "distill/select_ratio") == [K / N] * STEPS
+    # the reference worker scored (and returned) one row per prompt, not N
+    assert every_step(run, "distill/teacher_rows") == [PROMPTS * K] * STEPS
+
+    teacher_tokens, share = every_step(run, "distill/teacher_tokens"), every_step(run, "distill/teacher_token_share")
+    prompt_mean, response_mean = every_step(run, "prompt_length/mean"), every_step(run, "response_length/mean")
+    shortest = [p + r for p, r in zip(every_step(run, "prompt_length/min"), every_step(run, "response_length/min"))]
+    longest = [p + r for p, r in zip(every_step(run, "prompt_length/max"), every_step(run, "response_length/max"))]
+    for step in range(STEPS):
+        # a stock reference pass scores every prompt + response token of the batch: the share is of those
+        stock_tokens = PROMPTS * N * (prompt_mean[step] + response_mean[step])
+        assert teacher_tokens[step] / share[step] == pytest.approx(stock_tokens, rel=1e-6)
+        assert shortest[step] * PROMPTS * K <= teacher_tokens[step] <= longest[step] * PROMPTS * K
+        assert share[step] < 1
+
+    # both terms train: the KL on the selected responses, the policy gradient on all of them
+    kl_loss, pg_loss = every_step(run, "actor/kl_loss"), every_step(run, "actor/pg_loss")
+    assert all(value > 0 for value in kl_loss)
+    assert every_step(run, "actor/loss") == pytest.approx(
+        [pg + kl for pg, kl in zip(pg_loss, kl_loss, strict=True)], rel=1e-4, abs=1e-5
+    )
+    assert any(value > 0 for value in every_step(run, "critic/advantages/max"))
+    every_step(run, "timing_s/ref")
