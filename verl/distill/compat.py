@@ -64,6 +64,7 @@ and checks that the code it replaces is still what it expects; anything else fai
 """
 
 import functools
+import importlib
 import inspect
 import logging
 import os
@@ -379,6 +380,8 @@ def _measure_teacher_kl_on_validation(module: ModuleType) -> None:
         "the actor's compute_log_prob no longer leaves the log-probs in the batch's log_probs field",
     )
     trainer_cls._validate = measure_teacher_kl(trainer_cls._validate)
+
+
 # verl code the selective reference pass relies on: the phase it calls on a sub-batch writes
 # ref_log_prob for exactly that batch's keys, _step_once scores rewards before that phase, and the
 # reference worker takes its micro-batch size from the batch's info when the batch carries one.
@@ -392,8 +395,6 @@ SELECTIVE_REFERENCE_PASS_RELIES_ON = (
 def _reference_pass_on_selected_responses(module: ModuleType) -> None:
     require_supported_verl()
     from verl.distill.selective_teacher import selective_reference_pass
-
-    import importlib
 
     for module_name, qualified_name, fingerprint in SELECTIVE_REFERENCE_PASS_RELIES_ON:
         owner = module if module_name == "verl.trainer.ppo.v1.trainer_base" else importlib.import_module(module_name)

@@ -144,6 +144,10 @@ class DistillLossConfig(BaseConfig):
                 "student's validation responses, and the per-token KL(student || teacher) estimate k3 is logged "
                 "as val-core/<data_source>/teacher_kl/mean@<n> (verl.distill.validation_teacher_kl). false skips "
                 "both passes. Costs no generation; measured in trainer.v1.trainer_mode=sync."
+            )
+        },
+    )
+
     select_strategy: str = field(
         default="all",
         metadata={
