@@ -271,6 +271,7 @@ def test_a_gpu_selection_run_also_adapts_the_reference_pass():
         "verl.workers.engine_workers.ActorRolloutRefWorker.init_model",
         "verl.utils.checkpoint.checkpoint_manager.find_latest_ckpt_path",
         "verl.utils.tracking.FileLogger",
+        "verl.trainer.ppo.v1.trainer_base.PPOTrainer._validate",
         "verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_ref_log_prob",
     }
     assert files["verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_ref_log_prob"].endswith("selective_teacher.py")
