@@ -484,3 +484,18 @@ def test_the_replay_buffer_reports_each_training_step_on_or_off_policy(monkeypat
     assert [metrics[IS_ON_POLICY_METRIC] for metrics in reported] == [float(on) for on in on_policy_steps(schedule, 20)]
     assert all(metrics["seen"] == 1.0 for metrics in reported)
     assert IS_ON_POLICY_METRIC not in buffer.sample(3, "val", 4)[1]
+
+
+def test_the_driver_warns_how_many_off_policy_responses_will_be_cut(files, tmp_path, caplog):  # noqa: F811
+    # the tiny tokenizers split on whitespace: "1 2 1" is 3 tokens, 4 with the end-of-sequence token
+    path = str(tmp_path / "long_responses.parquet")
+    pq.write_table(pa.table({"prompt": [PROMPT] * 3, "response": ["1", "1 2 1", "1 2 1 2 1"]}), path)
+    overrides = ("data.on_policy_lambda=0.5", f"data.off_policy_files={path}")
+    with caplog.at_level("WARNING", logger="verl.distill.validation"):
+        validate_distillation_config(distillation_config(files, *overrides, "data.max_response_length=3"))
+    assert "2 of the 3 responses checked are longer than data.max_response_length=3 tokens" in caplog.text
+    assert "longest 6" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="verl.distill.validation"):
+        validate_distillation_config(distillation_config(files, *overrides, "data.max_response_length=6"))
+    assert "longer than data.max_response_length" not in caplog.text

@@ -105,6 +105,7 @@ def validate_distillation_config(config: DictConfig) -> None:
         return  # remote: verl copies it to local disk in the workers
     _check_topk(config, tokenizer)
     _check_prompt_lengths(config, tokenizer)
+    _warn_of_cut_off_policy_responses(config, tokenizer)
 
 
 def _check_student(config: DictConfig) -> None:
@@ -609,6 +610,33 @@ def _response_column_problem(file: str, response_key: str) -> Optional[tuple[str
                 f"give every row its response as a string in {response_key!r}",
             )
     return None
+
+
+def _warn_of_cut_off_policy_responses(config: DictConfig, tokenizer) -> None:
+    """Responses longer than ``data.max_response_length`` are cut like a rollout at the limit: say how
+    many, since verl's ``response_length/clip_ratio`` counts responses as long as the batch's longest."""
+    if not policy_mixing.mixes_policies(config):
+        return
+    max_length = int(_get(config, "data.max_response_length"))
+    response_key = _get(config, policy_mixing.RESPONSE_KEY_KEY)
+    for file in policy_mixing.off_policy_files(config):
+        if "://" in file:
+            continue
+        responses = _first_column_values(os.path.expanduser(file), response_key, PROMPT_CHECK_ROWS)
+        # + 1: the end-of-sequence token a response is ended with
+        lengths = [len(ids) + 1 for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+        cut = sum(length > max_length for length in lengths)
+        if cut:
+            logger.warning(
+                "verl-distill: %s: %d of the %d responses checked are longer than data.max_response_length=%d "
+                "tokens (with the end-of-sequence token, longest %d); they are cut there, as a rollout that hits "
+                "the limit is",
+                file,
+                cut,
+                len(lengths),
+                max_length,
+                max(lengths),
+            )
 
 
 def _first_column_values(path: str, column: str, max_rows: int) -> list:
