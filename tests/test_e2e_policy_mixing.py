@@ -76,7 +76,9 @@ def test_half_the_steps_train_on_the_dataset_responses_scored_by_the_teacher(toy
     assert 0 < sum(on_policy) < STEPS
 
     file_rows = pq.read_table(off_policy_file).to_pylist()
-    kl, teacher_log_prob, grad_norm = (run.series(key) for key in ("actor/kl_loss", "actor/teacher_log_prob_mean", "actor/grad_norm"))
+    kl, teacher_log_prob, grad_norm = (
+        run.series(key) for key in ("actor/kl_loss", "actor/teacher_log_prob_mean", "actor/grad_norm")
+    )
     off_policy_rank = 0
     for step, is_on_policy in enumerate(on_policy, start=1):
         samples = _dumped_samples(rollouts, step)

@@ -319,7 +319,8 @@ def test_prompt_log_probs_of_a_padded_batch_match_a_forward_pass_of_each_sequenc
 
 def test_a_prompt_logprobs_request_is_scored_apart_from_generation_and_may_fill_the_context():
     config = rollout_config()
-    scoring = resolve_sampling({"prompt_logprobs": 0, "max_tokens": 1, "temperature": 0.6}, config, 10, max_model_len=10)
+    request = {"prompt_logprobs": 0, "max_tokens": 1, "temperature": 0.6}
+    scoring = resolve_sampling(request, config, prompt_len=10, max_model_len=10)
     generating = resolve_sampling({"temperature": 0.6}, config, 6, 128)
     assert scoring.score_prompt and not generating.score_prompt
     assert scoring.distribution != generating.distribution

@@ -101,7 +101,8 @@ def test_the_toy_off_policy_file_holds_the_training_prompts_with_their_correct_a
     rows = pq.read_table(off_policy_file).to_pylist()
     train = pq.read_table(toy.train_files).to_pylist()
     assert [row["prompt"] for row in rows] == [row["prompt"] for row in train]
-    assert all(compute_score(row["data_source"], row["response"], row["reward_model"]["ground_truth"]) == 1.0 for row in rows)
+    scores = [compute_score(row["data_source"], row["response"], row["reward_model"]["ground_truth"]) for row in rows]
+    assert scores == [1.0] * len(rows)
     again = tmp_path / "again.parquet"
     write_off_policy_parquet(read_problems(toy.train_files), again)
     assert again.read_bytes() == off_policy_file.read_bytes()
@@ -195,7 +196,7 @@ def test_lambda_below_one_needs_an_off_policy_file(files):  # noqa: F811
     )
 
 
-def test_an_off_policy_file_without_the_response_column_names_file_column_columns_and_key(files, mixing_files):  # noqa: F811
+def test_a_file_without_the_response_column_names_file_column_columns_and_key(files, mixing_files):  # noqa: F811
     path = mixing_files["no_response"]
     message = refusal(distillation_config(files, "data.on_policy_lambda=0.5", f"data.off_policy_files={path}"))
     assert message == (
@@ -256,7 +257,8 @@ def test_what_mixing_cannot_plug_into_is_refused(files, mixing_files, override, 
         files, "data.on_policy_lambda=0.5", f"data.off_policy_files={mixing_files['good']}", override
     )
     message = refusal(config)
-    assert message.startswith(f"{key}: is ") and "data.on_policy_lambda=0.5 makes about 50% of the steps off-policy" in message
+    assert message.startswith(f"{key}: is ")
+    assert "data.on_policy_lambda=0.5 makes about 50% of the steps off-policy" in message
     assert message.endswith("or data.on_policy_lambda=1.0")
 
 
@@ -293,7 +295,15 @@ AGENT_CONFIG = OmegaConf.create(
     }
 )
 ROLLOUT_CONFIG = OmegaConf.create(
-    {"repetition_penalty": 1.0, "temperature": 1.0, "top_k": -1, "top_p": 1.0, "response_length": 8, "prompt_length": 16, "ignore_eos": False}
+    {
+        "repetition_penalty": 1.0,
+        "temperature": 1.0,
+        "top_k": -1,
+        "top_p": 1.0,
+        "response_length": 8,
+        "prompt_length": 16,
+        "ignore_eos": False,
+    }
 )
 
 
@@ -323,26 +333,33 @@ def test_an_off_policy_sample_is_token_for_token_what_the_rollout_returns_for_th
     rollout log-probs (the student's, scored by the rollout server) as the sampled response did."""
     tokenizer, teacher, student = teacher_and_student
     messages = [{"role": "user", "content": "29+65="}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    prompt = list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
     greedy = hf_rollout.SamplingSettings(
         temperature=0.0, top_k=-1, top_p=1.0, greedy=True, max_tokens=8, return_log_probs=True, ignore_eos=False
     )
-    generated = hf_rollout.decode(teacher, [list(prompt)], [greedy], frozenset({tokenizer.eos_token_id}), torch.Generator())[0]
+    eos = frozenset({tokenizer.eos_token_id})
+    generated = hf_rollout.decode(teacher, [prompt], [greedy], eos, torch.Generator())[0]
     text = tokenizer.decode(generated.token_ids, skip_special_tokens=True)
     assert generated.token_ids[-1] == tokenizer.eos_token_id and text == "49"
     assert response_token_ids(tokenizer, text) == generated.token_ids
 
     # what the student's rollout would have reported for these tokens: its own log-probs of them
-    student_log_probs = hf_rollout.prompt_log_probs(student, [list(prompt) + generated.token_ids], greedy)[0][len(prompt) - 1 :]
-    sampled_by_rollout = TokenOutput(token_ids=generated.token_ids, log_probs=student_log_probs, extra_fields={"global_steps": 2})
+    student_log_probs = hf_rollout.prompt_log_probs(student, [prompt + generated.token_ids], greedy)[0][len(prompt) - 1 :]
+    rollout = _RolloutAnswering(
+        TokenOutput(token_ids=generated.token_ids, log_probs=student_log_probs, extra_fields={"global_steps": 2})
+    )
     params = {"logprobs": True, "temperature": 0.0}
-    sampled = asyncio.run(run_agent_loop(SingleTurnAgentLoop, _RolloutAnswering(sampled_by_rollout), tokenizer, params, raw_prompt=messages))
+    sampled = asyncio.run(run_agent_loop(SingleTurnAgentLoop, rollout, tokenizer, params, raw_prompt=messages))
     scoring = _RolloutScoring(student, ROLLOUT_CONFIG)
     dataset = asyncio.run(
-        run_agent_loop(DatasetResponseAgentLoop, scoring, tokenizer, params, raw_prompt=messages, response=text, global_steps=3)
+        run_agent_loop(
+            DatasetResponseAgentLoop, scoring, tokenizer, params, raw_prompt=messages, response=text, global_steps=3
+        )
     )
 
-    assert dataset.prompt_ids == sampled.prompt_ids == list(prompt)
+    assert dataset.prompt_ids == sampled.prompt_ids == prompt
     assert dataset.response_ids == sampled.response_ids == generated.token_ids
     assert dataset.response_mask == sampled.response_mask == [1, 1, 1]
     torch.testing.assert_close(torch.tensor(dataset.response_logprobs), torch.tensor(sampled.response_logprobs))
@@ -356,7 +373,13 @@ def test_without_rollout_log_probs_nothing_is_scored(teacher_and_student):
     scoring = _RolloutScoring(student, ROLLOUT_CONFIG)
     output = asyncio.run(
         run_agent_loop(
-            DatasetResponseAgentLoop, scoring, tokenizer, {"logprobs": False}, raw_prompt=[{"role": "user", "content": "1+2="}], response="3", global_steps=1
+            DatasetResponseAgentLoop,
+            scoring,
+            tokenizer,
+            {"logprobs": False},
+            raw_prompt=[{"role": "user", "content": "1+2="}],
+            response="3",
+            global_steps=1,
         )
     )
     assert output.response_logprobs is None and scoring.requests == []
@@ -385,7 +408,12 @@ def test_a_row_without_response_text_fails_naming_the_key(teacher_and_student):
     with pytest.raises(ValueError, match="column 'response' holds NoneType.*data.off_policy_response_key"):
         asyncio.run(
             run_agent_loop(
-                DatasetResponseAgentLoop, _RolloutScoring(student, ROLLOUT_CONFIG), tokenizer, {}, raw_prompt=PROMPT, global_steps=1
+                DatasetResponseAgentLoop,
+                _RolloutScoring(student, ROLLOUT_CONFIG),
+                tokenizer,
+                {},
+                raw_prompt=PROMPT,
+                global_steps=1,
             )
         )
 
@@ -420,7 +448,8 @@ def new_manager(toy, off_policy_file, monkeypatch):
 
     def build():
         submitted.clear()
-        return BatchedMixedPolicyAgentLoopManager(config=config, llm_client=None), submitted, PolicySchedule.from_config(config)
+        manager = BatchedMixedPolicyAgentLoopManager(config=config, llm_client=None)
+        return manager, submitted, PolicySchedule.from_config(config)
 
     return build
 

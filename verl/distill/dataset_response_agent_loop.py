@@ -39,19 +39,30 @@ class DatasetResponseServer:
         self._rollout_server = rollout_server
         self._response_ids = response_ids
         # the trainer's staleness control reads these: a dataset response is as fresh as the step using it
-        self._version = {"global_steps": weights_version, "min_global_steps": weights_version, "max_global_steps": weights_version}
+        self._version = {key: weights_version for key in ("global_steps", "min_global_steps", "max_global_steps")}
 
-    async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any], **_) -> TokenOutput:
-        log_probs = await self._student_log_probs(request_id, prompt_ids, sampling_params) if sampling_params.get("logprobs") else None
+    async def generate(
+        self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any], **_
+    ) -> TokenOutput:
+        log_probs = None
+        if sampling_params.get("logprobs"):
+            log_probs = await self._student_log_probs(request_id, prompt_ids, sampling_params)
         return TokenOutput(
-            token_ids=list(self._response_ids), log_probs=log_probs, stop_reason="completed", extra_fields=dict(self._version)
+            token_ids=list(self._response_ids),
+            log_probs=log_probs,
+            stop_reason="completed",
+            extra_fields=dict(self._version),
         )
 
     async def _student_log_probs(self, request_id: str, prompt_ids: list[int], sampling_params: dict) -> list[float]:
         scored = await self._rollout_server.generate(
             request_id=request_id,
             prompt_ids=list(prompt_ids) + self._response_ids,
-            sampling_params={"max_tokens": 1, "temperature": sampling_params.get("temperature", 1.0), "prompt_logprobs": 0},
+            sampling_params={
+                "max_tokens": 1,
+                "temperature": sampling_params.get("temperature", 1.0),
+                "prompt_logprobs": 0,
+            },
         )
         # row t holds the log-prob of token t + 1 (vLLM's layout): the response starts at row len(prompt) - 1
         rows = scored.extra_fields["prompt_logprobs"][len(prompt_ids) - 1 :][: len(self._response_ids)]

@@ -278,7 +278,9 @@ def decode(
 
 
 @torch.inference_mode()
-def prompt_log_probs(model: torch.nn.Module, sequences: Sequence[Sequence[int]], settings: SamplingSettings) -> list[list[float]]:
+def prompt_log_probs(
+    model: torch.nn.Module, sequences: Sequence[Sequence[int]], settings: SamplingSettings
+) -> list[list[float]]:
     """log p(token t + 1 | tokens up to t) of every sequence, for t = 0 .. len - 2, under the distribution
     tokens are sampled from (:func:`sampling_log_probs`): what :func:`decode` reports for a token it
     generated. One forward pass over the right-padded batch."""

@@ -516,7 +516,9 @@ def _check_policy_mixing(config: DictConfig) -> None:
         )
     if not policy_mixing.mixes_policies(config):
         return
-    off_policy_share = f"{policy_mixing.LAMBDA_KEY}={on_policy_lambda} makes about {1 - on_policy_lambda:.0%} of the steps off-policy"
+    off_policy_share = (
+        f"{policy_mixing.LAMBDA_KEY}={on_policy_lambda} makes about {1 - on_policy_lambda:.0%} of the steps off-policy"
+    )
     files = policy_mixing.off_policy_files(config)
     if not files:
         raise DistillConfigError(
@@ -651,7 +653,10 @@ def _first_column_values(path: str, column: str, max_rows: int) -> list:
         return values
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [record.get(column) for record in records[:max_rows]]
 
 
