@@ -4,9 +4,11 @@ import json
 import math
 import re
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from trainer_runs import run_trainer
+from trainer_runs import ray_tmpdir  # noqa: F401  (a fixture)
+from trainer_runs import ray_started, run_trainer
 
 from verl.distill.policy_mixing import PolicySchedule
 from verl.distill.toy.task import read_problems, write_off_policy_parquet
@@ -93,3 +95,30 @@ def test_half_the_steps_train_on_the_dataset_responses_scored_by_the_teacher(toy
     on_teacher = [value for value, on in zip(teacher_log_prob, on_policy) if on]
     off_teacher = [value for value, on in zip(teacher_log_prob, on_policy) if not on]
     assert max(on_teacher) < min(off_teacher), (on_teacher, off_teacher)
+
+
+def test_an_off_policy_file_without_its_response_column_is_one_line_before_ray(toy_assets, tmp_path, ray_tmpdir):  # noqa: F811
+    off_policy_file = tmp_path / "answers.parquet"
+    pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "1+2="}]], "answer": ["3"]}), off_policy_file)
+    run = run_trainer(
+        tmp_path,
+        [
+            f"data.train_files={toy_assets.train_files}",
+            f"data.val_files={toy_assets.val_files}",
+            f"actor_rollout_ref.model.path={toy_assets.student}",
+            f"actor_rollout_ref.ref.model.path={toy_assets.teacher}",
+            "data.on_policy_lambda=0.5",
+            f"data.off_policy_files={off_policy_file}",
+        ],
+        config_name="distillation_trainer",
+        timeout=300,
+        ray_tmpdir=ray_tmpdir,
+    )
+    assert run.returncode == 2 and not ray_started(ray_tmpdir)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("verl-distill: error:")]
+    assert errors == [
+        f"verl-distill: error: data.off_policy_files ({off_policy_file}): has no 'response' column (columns: answer, "
+        "prompt); fix: add the responses as a text column named 'response', or set data.off_policy_response_key to "
+        "the column that holds them"
+    ], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
