@@ -37,7 +37,8 @@ def _dumped_samples(folder, step: int) -> list[tuple[str, str]]:
 def test_half_the_steps_train_on_the_dataset_responses_scored_by_the_teacher(toy_assets, tmp_path):
     """One run of 5 steps at λ = 0.5 (seed 0: steps 1, 3, 4 off-policy): data/is_on_policy follows the
     documented seeded schedule; each off-policy step trained on exactly the scheduled rows of the
-    off-policy file, with their responses (the teacher's correct answers) as the dumped text; the teacher
+    off-policy file, with their responses (the teacher's correct answers) as the dumped text and the
+    student's own probabilities as their rollout log-probs; the teacher
     scored them (it is sure of its own answers, unlike of the student's samples) and the loss on them is
     finite and non-zero, with a finite non-zero gradient."""
     off_policy_file = tmp_path / "off_policy.parquet"
@@ -67,10 +68,14 @@ def test_half_the_steps_train_on_the_dataset_responses_scored_by_the_teacher(toy
             f"trainer.rollout_data_dir={rollouts}",
             "data.on_policy_lambda=0.5",
             f"data.off_policy_files={off_policy_file}",
+            # the actor recomputes the old log-probs, and verl compares them with the rollout's
+            "algorithm.rollout_correction.bypass_mode=false",
         ],
         config_name="distillation_trainer",
     )
     assert run.returncode == 0, run.explain()
+    # the rollout log-probs of the dataset responses are the student's own, as a sample's are (bf16 noise)
+    assert max(run.series("training/rollout_probs_diff_max")) < 0.1
 
     schedule = PolicySchedule(0.5, seed=SEED)
     on_policy = [schedule.is_on_policy(step) for step in range(1, STEPS + 1)]
