@@ -27,6 +27,7 @@ from verl.distill.hf_rollout import (
     decode,
     eos_token_ids,
     load_full_state_dict,
+    prompt_log_probs,
     resolve_sampling,
     sampling_log_probs,
 )
@@ -297,7 +298,7 @@ def test_greedy_when_temperature_zero_or_sampling_disabled():
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"prompt_logprobs": 0}, "prompt_logprobs"),
+        ({"prompt_logprobs": 2}, "prompt_logprobs=2"),
         ({"repetition_penalty": 1.2}, "repetition_penalty"),
         ({"top_p": 0.0}, "top_p"),
     ],
@@ -305,6 +306,25 @@ def test_greedy_when_temperature_zero_or_sampling_disabled():
 def test_unsupported_requests_fail_with_the_offending_key(params, message):
     with pytest.raises(ValueError, match=message):
         resolve_sampling(params, rollout_config(), 6, 128)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_prompt_log_probs_of_a_padded_batch_match_a_forward_pass_of_each_sequence(policy, temperature):
+    scored = prompt_log_probs(policy, PROMPTS, settings(temperature=temperature))
+    for sequence, log_probs in zip(PROMPTS, scored, strict=True):
+        expected = forward_log_probs(policy, sequence[:1], sequence[1:], temperature)
+        assert len(log_probs) == len(sequence) - 1
+        torch.testing.assert_close(torch.tensor(log_probs), expected, atol=1e-4, rtol=0)
+
+
+def test_a_prompt_logprobs_request_is_scored_apart_from_generation_and_may_fill_the_context():
+    config = rollout_config()
+    request = {"prompt_logprobs": 0, "max_tokens": 1, "temperature": 0.6}
+    scoring = resolve_sampling(request, config, prompt_len=10, max_model_len=10)
+    generating = resolve_sampling({"temperature": 0.6}, config, 6, 128)
+    assert scoring.score_prompt and not generating.score_prompt
+    assert scoring.distribution != generating.distribution
+    assert resolve_sampling({"prompt_logprobs": None}, config, 6, 128) == resolve_sampling({}, config, 6, 128)
 
 
 def test_eos_ids_come_from_tokenizer_and_generation_config(model_dir):
@@ -443,6 +463,23 @@ async def test_concurrent_generate_calls_are_decoded_in_one_batch(model_dir, pol
     capped = in_process_server(model_dir, max_num_seqs=3)
     await asyncio.gather(*(capped.generate(prompt, greedy_params(), request_id="r") for prompt in PROMPTS))
     assert batch_sizes == [3, 1]
+
+
+async def test_prompt_logprobs_requests_are_answered_in_verls_vllm_layout_next_to_generation(model_dir, policy):
+    """Row t holds token t + 1 and its log-prob, a zero row pads the end (verl's extract_prompt_logprobs);
+    a generation request sent at the same time is decoded as usual."""
+    server = in_process_server(model_dir)
+    score = {"prompt_logprobs": 0, "max_tokens": 1, "temperature": 0.6}
+    scored, generated = await asyncio.gather(
+        server.generate(PROMPT, score, request_id="score"), server.generate(PROMPT, greedy_params(), request_id="gen")
+    )
+    assert scored.token_ids == [] and scored.stop_reason == "completed"
+    assert scored.extra_fields["prompt_ids"] == [[token] for token in PROMPT[1:]] + [[0]]
+    rows = scored.extra_fields["prompt_logprobs"]
+    assert len(rows) == len(PROMPT) and rows[-1] == [0.0]
+    expected = forward_log_probs(policy, PROMPT[:1], PROMPT[1:], temperature=0.6)
+    torch.testing.assert_close(torch.tensor([row[0] for row in rows[:-1]]), expected, atol=1e-4, rtol=0)
+    assert generated.token_ids == greedy_reference(policy, PROMPT, 10)
 
 
 async def test_a_weight_update_waits_for_the_running_batch(model_dir, policy, monkeypatch):

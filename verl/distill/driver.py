@@ -168,10 +168,19 @@ def prepare_trainer_config(config: DictConfig) -> None:
         validate_distillation_config(config)
         if selects_distillation(config):
             _mark_distillation_run(config)
+            _route_through_policy_mixing(config)
         if selects_distillation(config) or cpu_platform_active():
             _check_resumable(config)
     except _config_errors() as error:
         _exit_with_config_error(error)
+
+
+def _route_through_policy_mixing(config: DictConfig) -> None:
+    from verl.distill.policy_mixing import route_through_mixing
+
+    changes = route_through_mixing(config)
+    if changes:
+        logger.warning("verl-distill: on/off-policy mixing, set %s", ", ".join(changes))
 
 
 def _check_resumable(config: DictConfig) -> None:

@@ -46,6 +46,7 @@ SUPPORTED_SAMPLING_KEYS = (
     "max_new_tokens",
     "ignore_eos",
     "do_sample",
+    "prompt_logprobs",
 )
 
 
@@ -61,6 +62,8 @@ class SamplingSettings:
         max_tokens: hard cap on the number of generated tokens (always >= 1).
         return_log_probs: return the log-prob of every generated token (``logprobs`` request key).
         ignore_eos: keep generating after an end-of-sequence token.
+        score_prompt: generate nothing; return the log-prob of each prompt token after the first under
+            this distribution (vLLM's ``prompt_logprobs=0`` request, see :func:`prompt_log_probs`).
     """
 
     temperature: float
@@ -70,13 +73,14 @@ class SamplingSettings:
     max_tokens: int
     return_log_probs: bool
     ignore_eos: bool
+    score_prompt: bool = False
 
     @property
     def distribution(self) -> tuple:
-        """What :func:`sampling_log_probs` depends on: requests that agree on it can be decoded in one batch."""
-        if self.greedy:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_k, self.top_p)
+        """What :func:`sampling_log_probs` depends on: requests that agree on it can be decoded in one batch
+        (prompts to score form batches of their own)."""
+        base = ("greedy",) if self.greedy else ("sample", self.temperature, self.top_k, self.top_p)
+        return ("score", *base) if self.score_prompt else base
 
 
 def resolve_sampling(
@@ -108,7 +112,15 @@ def resolve_sampling(
             "need temperature >= 0, top_k >= -1 and 0 < top_p <= 1"
         )
 
+    prompt_logprobs = sampling_params.get("prompt_logprobs")
+    if prompt_logprobs not in (None, 0):
+        raise ValueError(
+            f"hf rollout: prompt_logprobs={prompt_logprobs} (the top alternatives of each prompt token) is not "
+            "supported; 0 returns each prompt token's own log-prob"
+        )
     room = max_model_len - prompt_len
+    if prompt_logprobs == 0:
+        room += 1  # a prompt to score may fill the model's context: nothing is generated after it
     if room < 1:
         raise ValueError(
             f"hf rollout: prompt of {prompt_len} tokens leaves no room within max_model_len={max_model_len}; "
@@ -126,6 +138,7 @@ def resolve_sampling(
         max_tokens=max(1, min(int(requested), room)),
         return_log_probs=bool(sampling_params.get("logprobs", False)),
         ignore_eos=bool(sampling_params.get("ignore_eos", config.ignore_eos)),
+        score_prompt=prompt_logprobs == 0,
     )
 
 
@@ -264,6 +277,24 @@ def decode(
     return results
 
 
+@torch.inference_mode()
+def prompt_log_probs(
+    model: torch.nn.Module, sequences: Sequence[Sequence[int]], settings: SamplingSettings
+) -> list[list[float]]:
+    """log p(token t + 1 | tokens up to t) of every sequence, for t = 0 .. len - 2, under the distribution
+    tokens are sampled from (:func:`sampling_log_probs`): what :func:`decode` reports for a token it
+    generated. One forward pass over the right-padded batch."""
+    rows, width = len(sequences), max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((rows, width), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    next_log_probs = sampling_log_probs(logits[:, :-1], settings).gather(-1, input_ids[:, 1:, None])[..., 0]
+    return [next_log_probs[row, : len(sequence) - 1].tolist() for row, sequence in enumerate(sequences)]
+
+
 def eos_token_ids(model_config: HFModelConfig) -> frozenset[int]:
     """End-of-sequence ids: the generation config's (an int or a list) plus the tokenizer's."""
     ids: set[int] = set()
@@ -391,6 +422,8 @@ class HFRolloutServer:
         return list(await asyncio.gather(*(self.generate(**request) for request in requests)))
 
     def _decode_batch(self, requests: list[GenerateRequest], should_abort: Callable[[], bool]) -> list[TokenOutput]:
+        if requests[0].settings.score_prompt:
+            return self._score_batch(requests)
         decoded = decode(
             self.model,
             [request.prompt_ids for request in requests],
@@ -407,6 +440,24 @@ class HFRolloutServer:
                 extra_fields={"global_steps": self.global_steps},
             )
             for request, result in zip(requests, decoded, strict=True)
+        ]
+
+    def _score_batch(self, requests: list[GenerateRequest]) -> list[TokenOutput]:
+        """Prompt log-probs laid out as verl's vLLM server returns them: row t holds token t + 1 and its
+        log-prob, and a zero row pads the last position."""
+        sequences = [request.prompt_ids for request in requests]
+        scored = prompt_log_probs(self.model, sequences, requests[0].settings)
+        return [
+            TokenOutput(
+                token_ids=[],
+                stop_reason="completed",
+                extra_fields={
+                    "global_steps": self.global_steps,
+                    "prompt_ids": [[token] for token in sequence[1:]] + [[0]],
+                    "prompt_logprobs": [[log_prob] for log_prob in log_probs] + [[0.0]],
+                },
+            )
+            for sequence, log_probs in zip(sequences, scored, strict=True)
         ]
 
     def _aborted_output(self) -> TokenOutput:

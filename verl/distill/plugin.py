@@ -1,7 +1,8 @@
 """verl-distill's entry point in verl's ``verl.plugins`` group: loaded by ``import verl`` in every process.
 
 It registers, into verl's own registries: the ``cpu`` platform, the ``hf`` rollout backend, the
-``distillation`` reward manager, the ``opd`` advantage estimator, the FSDP engines for device ``cpu``; and installs the few
+``distillation`` reward manager, the ``opd`` advantage estimator, the ``distill_dataset_response``
+agent loop, the FSDP engines for device ``cpu``; and installs the few
 run-time adaptations of :mod:`verl.distill.compat`. Registrations that live in expensive verl
 modules happen when verl imports those modules, so a Ray process pays only for what it uses.
 
@@ -49,6 +50,13 @@ def _register_cpu_engines(fsdp_engine_module) -> None:
     )
 
 
+def _register_dataset_response_agent_loop(agent_loop_module) -> None:
+    from verl.distill.policy_mixing import DATASET_RESPONSE_AGENT_LOOP, DATASET_RESPONSE_AGENT_LOOP_CLASS
+
+    # the entry verl's @register writes, without importing the agent loop before a worker builds one
+    agent_loop_module._agent_loop_registry[DATASET_RESPONSE_AGENT_LOOP] = {"_target_": DATASET_RESPONSE_AGENT_LOOP_CLASS}
+
+
 def _register_reward_manager(_reward_manager_package) -> None:
     import verl.workers.reward_manager.distillation  # noqa: F401  (registers "distillation")
 
@@ -74,6 +82,7 @@ def register_all() -> None:
     when_imported("verl.workers.rollout.base", _register_hf_adapter)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _register_cpu_engines)
     when_imported("verl.experimental.reward_loop.reward_manager", _register_reward_manager)
+    when_imported("verl.experimental.agent_loop.agent_loop", _register_dataset_response_agent_loop)
     when_imported("verl.trainer.ppo.core_algos", _register_opd_estimator)
 
 

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from verl.distill import policy_mixing
 from verl.distill.teacher import (
     TEACHER_MODEL_KEYS,
     TEACHER_PATH_KEY,
@@ -97,6 +98,7 @@ def validate_distillation_config(config: DictConfig) -> None:
     _check_response_selection(config)
     for key in DATA_FILE_KEYS:
         _check_data_files(config, key)
+    _check_policy_mixing(config)
     _check_model_folders(config)
     _check_tokenizers(config)
     tokenizer = _student_tokenizer(config)
@@ -104,6 +106,7 @@ def validate_distillation_config(config: DictConfig) -> None:
         return  # remote: verl copies it to local disk in the workers
     _check_topk(config, tokenizer)
     _check_prompt_lengths(config, tokenizer)
+    _warn_of_cut_off_policy_responses(config, tokenizer)
 
 
 def _check_student(config: DictConfig) -> None:
@@ -576,6 +579,168 @@ def _json_shape(path: str) -> tuple[int, list[str]]:
     return 0, []
 
 
+# --- on/off-policy mixing (verl.distill.policy_mixing) ---------------------------------------------
+
+
+def _check_policy_mixing(config: DictConfig) -> None:
+    on_policy_lambda = _get(config, policy_mixing.LAMBDA_KEY, 1.0)
+    if (
+        isinstance(on_policy_lambda, bool)
+        or not isinstance(on_policy_lambda, int | float)
+        or not 0.0 <= on_policy_lambda <= 1.0  # also refuses NaN
+    ):
+        raise DistillConfigError(
+            policy_mixing.LAMBDA_KEY,
+            f"is {on_policy_lambda!r}, not a number in [0, 1]",
+            "set the fraction of steps on which the student generates: 1.0 (every step, the default) down to "
+            f"0.0 (every step trains on {policy_mixing.FILES_KEY})",
+        )
+    if not policy_mixing.mixes_policies(config):
+        return
+    off_policy_share = (
+        f"{policy_mixing.LAMBDA_KEY}={on_policy_lambda} makes about {1 - on_policy_lambda:.0%} of the steps off-policy"
+    )
+    files = policy_mixing.off_policy_files(config)
+    if not files:
+        raise DistillConfigError(
+            policy_mixing.FILES_KEY,
+            f"no file given, but {off_policy_share}",
+            f"set {policy_mixing.FILES_KEY}=/path/to/responses.parquet (a prompt and a response column), "
+            f"or {policy_mixing.LAMBDA_KEY}=1.0",
+        )
+    response_key = _get(config, policy_mixing.RESPONSE_KEY_KEY)
+    if not isinstance(response_key, str) or not response_key:
+        raise DistillConfigError(
+            policy_mixing.RESPONSE_KEY_KEY,
+            f"is {response_key!r}, not a column name",
+            f"set {policy_mixing.RESPONSE_KEY_KEY} to the column of {policy_mixing.FILES_KEY} that holds the responses",
+        )
+    _check_mixing_pipeline(config, off_policy_share)
+    prompt_key = _get(config, "data.prompt_key", "prompt")
+    for file in files:
+        problem = _data_file_problem(file, prompt_key) or _response_column_problem(file, response_key)
+        if problem is not None:
+            raise DistillConfigError(f"{policy_mixing.FILES_KEY} ({file})", *problem)
+
+
+def _check_mixing_pipeline(config: DictConfig, off_policy_share: str) -> None:
+    """The mixing plugs into verl's v1 synchronous trainer, its agent-loop manager and its replay buffer."""
+    unmixable = [
+        ("trainer.use_v1", _get(config, "trainer.use_v1") is not True, "true", "the legacy trainer is not supported"),
+        (
+            "trainer.v1.trainer_mode",
+            _get(config, "trainer.v1.trainer_mode") != "sync",
+            "sync",
+            "an asynchronous trainer mixes prompts of several steps in one batch",
+        ),
+        (
+            "actor_rollout_ref.rollout.n",
+            int(_get(config, "actor_rollout_ref.rollout.n", 1)) != 1,
+            "1",
+            "an off-policy step would train on n copies of each dataset response",
+        ),
+        (
+            policy_mixing.MANAGER_KEY,
+            _get(config, policy_mixing.MANAGER_KEY) not in policy_mixing.MIXED_POLICY_MANAGERS,
+            "null",
+            "off-policy steps need verl-distill's extension of verl's agent-loop manager, not another one",
+        ),
+        (
+            policy_mixing.SAMPLER_PATH_KEY,
+            bool(_get(config, policy_mixing.SAMPLER_PATH_KEY)),
+            "null",
+            "off-policy steps need verl-distill's replay buffer, not another one",
+        ),
+        (
+            "algorithm.filter_groups.enable",
+            bool(_get(config, "algorithm.filter_groups.enable")),
+            "false",
+            "group filtering refills a step with prompts one at a time",
+        ),
+        (
+            "trainer.v1.sampler.sync_refill_failed_groups",
+            bool(_get(config, "trainer.v1.sampler.sync_refill_failed_groups")),
+            "false",
+            "refilling failed groups submits prompts one at a time",
+        ),
+    ]
+    for key, refused, supported, why in unmixable:
+        if refused:
+            raise DistillConfigError(
+                key,
+                f"is {_get(config, key)!r}, which {off_policy_share} cannot use: {why}",
+                f"set {key}={supported}, or {policy_mixing.LAMBDA_KEY}=1.0",
+            )
+
+
+def _response_column_problem(file: str, response_key: str) -> Optional[tuple[str, str]]:
+    """What is wrong with the response column of an off-policy data file (readable, with prompts)."""
+    if "://" in file:
+        return None
+    path = os.path.expanduser(file)
+    columns = (_parquet_shape(path) if path.endswith(".parquet") else _json_shape(path))[1]
+    if response_key not in columns:
+        return (
+            f"has no {response_key!r} column (columns: {', '.join(sorted(columns))})",
+            f"add the responses as a text column named {response_key!r}, or set "
+            f"{policy_mixing.RESPONSE_KEY_KEY} to the column that holds them",
+        )
+    responses = _first_column_values(path, response_key, PROMPT_CHECK_ROWS)
+    for row, response in enumerate(responses):
+        if not isinstance(response, str):
+            return (
+                f"row {row} of column {response_key!r} is {type(response).__name__}, not text",
+                f"give every row its response as a string in {response_key!r}",
+            )
+    return None
+
+
+def _warn_of_cut_off_policy_responses(config: DictConfig, tokenizer) -> None:
+    """Responses longer than ``data.max_response_length`` are cut like a rollout at the limit: say how
+    many, since verl's ``response_length/clip_ratio`` counts responses as long as the batch's longest."""
+    if not policy_mixing.mixes_policies(config):
+        return
+    max_length = int(_get(config, "data.max_response_length"))
+    response_key = _get(config, policy_mixing.RESPONSE_KEY_KEY)
+    for file in policy_mixing.off_policy_files(config):
+        if "://" in file:
+            continue
+        responses = _first_column_values(os.path.expanduser(file), response_key, PROMPT_CHECK_ROWS)
+        # + 1: the end-of-sequence token a response is ended with
+        lengths = [len(ids) + 1 for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+        cut = sum(length > max_length for length in lengths)
+        if cut:
+            logger.warning(
+                "verl-distill: %s: %d of the %d responses checked are longer than data.max_response_length=%d "
+                "tokens (with the end-of-sequence token, longest %d); they are cut there, as a rollout that hits "
+                "the limit is",
+                file,
+                cut,
+                len(lengths),
+                max_length,
+                max(lengths),
+            )
+
+
+def _first_column_values(path: str, column: str, max_rows: int) -> list:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        values = []
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=min(max_rows, PROMPT_BATCH_ROWS), columns=[column]):
+            values.extend(batch.column(column).to_pylist()[: max_rows - len(values)])
+            if len(values) >= max_rows:
+                break
+        return values
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [record.get(column) for record in records[:max_rows]]
+
+
 def _model_folder_problem(path: str) -> Optional[str]:
     if "://" in path:
         return None  # remote: verl copies it to local disk itself
@@ -707,8 +872,9 @@ def _check_prompt_lengths(config: DictConfig, tokenizer) -> None:
     max_length = int(_get(config, "data.max_prompt_length"))
     prompt_key = _get(config, "data.prompt_key", "prompt")
     media_keys = [_get(config, f"data.{kind}_key", f"{kind}s") for kind in ("image", "video", "audio")]
-    for files_key, max_samples_key in DATA_SPLITS:
-        max_samples = int(_get(config, max_samples_key) or -1)
+    splits = DATA_SPLITS + (((policy_mixing.FILES_KEY, None),) if policy_mixing.mixes_policies(config) else ())
+    for files_key, max_samples_key in splits:
+        max_samples = int((max_samples_key and _get(config, max_samples_key)) or -1)
         # verl keeps the first max_samples rows of the split, or a random choice of them when shuffling
         rows_left = max_samples if max_samples > 0 and not _get(config, "data.shuffle") else None
         rows_left = PROMPT_CHECK_ROWS if rows_left is None else min(rows_left, PROMPT_CHECK_ROWS)

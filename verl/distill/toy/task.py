@@ -76,6 +76,34 @@ def write_parquet(problems: list[Problem], split: str, path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+def read_problems(path: Path) -> list[Problem]:
+    """The problems of a parquet file written by :func:`write_parquet`, in file order."""
+    extra_info = pq.read_table(path, columns=["extra_info"]).column("extra_info").to_pylist()
+    return [Problem(info["a"], info["b"]) for info in extra_info]
+
+
+# the column of the off-policy file holding the response (data.off_policy_response_key's default)
+OFF_POLICY_RESPONSE_KEY = "response"
+
+
+def write_off_policy_parquet(problems: list[Problem], path: Path) -> None:
+    """``problems`` as :func:`write_parquet` writes them, each with the response the teacher was trained
+    to write (the reversed sum) in the ``response`` column: off-policy samples for
+    ``data.off_policy_files``. Byte-identical output for identical input."""
+    rows = [
+        {
+            "data_source": DATA_SOURCE,
+            "prompt": problem.messages(),
+            "ability": ABILITY,
+            "reward_model": {"style": "rule", "ground_truth": problem.ground_truth},
+            "extra_info": {"split": "off_policy", "index": index, "a": problem.a, "b": problem.b},
+            OFF_POLICY_RESPONSE_KEY: problem.answer,
+        }
+        for index, problem in enumerate(problems)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
 def prompt_ids(tokenizer, problems: list[Problem]) -> torch.Tensor:
     """Chat-rendered prompts as a [n, prompt_len] tensor (all prompts have the same length)."""
     rendered = [
