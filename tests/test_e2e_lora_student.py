@@ -135,6 +135,10 @@ def test_a_lora_student_learns_from_a_separate_teacher_and_its_adapters_reach_th
     assert abs(run.series("actor/student_log_prob_mean")[0] - student_mean) < BF16_MEAN_TOLERANCE
     assert abs(run.series("actor/teacher_log_prob_mean")[0] - teacher_mean) < BF16_MEAN_TOLERANCE
     assert abs(teacher_mean - student_mean) > 20 * BF16_MEAN_TOLERANCE, "the teacher must differ from the base"
+    print(
+        f"step 1 reference: actor got {run.series('actor/teacher_log_prob_mean')[0]:.4f}, teacher fp32 "
+        f"{teacher_mean:.4f}, base student {student_mean:.4f} (actor's own {run.series('actor/student_log_prob_mean')[0]:.4f})"
+    )
 
     # (b) the adapters trained, the base weights and the teacher's files did not change
     weights = _checkpoint_weights(tmp_path / "checkpoints" / f"global_step_{STEPS}")
@@ -160,5 +164,16 @@ def test_a_lora_student_learns_from_a_separate_teacher_and_its_adapters_reach_th
         assert before[text] == tokenizer.decode(_greedy(student, prompt, eos), skip_special_tokens=True)
         assert after[text] == tokenizer.decode(_greedy(trained, prompt, eos), skip_special_tokens=True)
     assert before != after, "training must change some greedy output, or (c) proves nothing"
+
+    # evaluate_model.py scores the trained student (base + adapters), not its base
+    from verl.distill.evaluation.checkpoints import merge_fsdp_checkpoint
+
+    merge_fsdp_checkpoint(tmp_path / "checkpoints" / f"global_step_{STEPS}" / "actor", tmp_path / "merged")
+    batch = torch.tensor([val_prompts[0]])
+    with torch.no_grad():
+        trained_logits = trained(input_ids=batch).logits
+        adapter_effect = (trained_logits - student(input_ids=batch).logits).abs().max()
+        merge_error = (_load(tmp_path / "merged")(input_ids=batch).logits - trained_logits).abs().max()
+    assert merge_error < 0.1 * adapter_effect, (merge_error, adapter_effect)
 
     print("kl_loss:", [round(value, 3) for value in kl], "s/step:", [round(t, 2) for t in run.series("timing_s/step")])
