@@ -25,8 +25,10 @@ LORA_RANK = 8
 LORA_ALPHA = 16
 RESPONSE_TOKENS = 8  # TINY_RUN's data.max_response_length
 TEACHER_LOG_PROB_FLOOR = -50.0  # distill.teacher_log_prob_floor's default
-# The engine computes both models under bf16 autocast; the references here are fp32.
-BF16_MEAN_TOLERANCE = 0.05
+# The engine computes both models under bf16 autocast; the references here are fp32. Measured: the
+# step-1 teacher mean differed from the fp32 forward by 0.027, the student's by 0.002; teacher and
+# base student means were 4.0 apart.
+BF16_MEAN_TOLERANCE = 0.1
 
 
 def _prompt_ids(tokenizer, messages) -> list[int]:
@@ -134,7 +136,7 @@ def test_a_lora_student_learns_from_a_separate_teacher_and_its_adapters_reach_th
     # the tokens reproduced here are the ones the actor trained on
     assert abs(run.series("actor/student_log_prob_mean")[0] - student_mean) < BF16_MEAN_TOLERANCE
     assert abs(run.series("actor/teacher_log_prob_mean")[0] - teacher_mean) < BF16_MEAN_TOLERANCE
-    assert abs(teacher_mean - student_mean) > 20 * BF16_MEAN_TOLERANCE, "the teacher must differ from the base"
+    assert abs(teacher_mean - student_mean) > 10 * BF16_MEAN_TOLERANCE, "the teacher must differ from the base"
     print(
         f"step 1 reference: actor got {run.series('actor/teacher_log_prob_mean')[0]:.4f}, teacher fp32 "
         f"{teacher_mean:.4f}, base student {student_mean:.4f} (actor's own {run.series('actor/student_log_prob_mean')[0]:.4f})"
