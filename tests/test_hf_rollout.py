@@ -26,12 +26,12 @@ from verl.distill.hf_rollout import (
     SamplingSettings,
     decode,
     eos_token_ids,
-    load_full_state_dict,
     prompt_log_probs,
     resolve_sampling,
     sampling_log_probs,
 )
 from verl.distill.request_batching import RequestAborted, RequestBatcher
+from verl.distill.rollout_weights import load_adapters, load_base_weights, load_full_state_dict
 from verl.workers.config import HFModelConfig, RolloutConfig
 
 VOCAB = 64
@@ -345,6 +345,92 @@ def test_weight_loading_accepts_tied_weights_and_rejects_partial_updates():
         load_full_state_dict(untied, {**untied.state_dict(), "extra.weight": torch.zeros(1)})
 
 
+# --- a LoRA actor's updates (verl.distill.rollout_weights) -------------------------------------
+
+
+def lora_actor(seed: int = 3):
+    """A PEFT model as verl's FSDP engine builds one (rank 4, all linear layers), with non-zero adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    actor = get_peft_model(
+        tiny_qwen2(seed=0), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in actor.named_parameters():
+            if "lora_B" in name:  # zero at initialisation: the adapters would change nothing
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return actor.eval()
+
+
+def adapter_update(actor):
+    """What verl sends after an update without lora.merge: the adapters and the LoRA config."""
+    from peft import get_peft_model_state_dict
+
+    return actor.peft_config["default"].to_dict(), get_peft_model_state_dict(actor)
+
+
+def base_update(actor):
+    """What verl sends once before the first adapters (rollout.load_format=dummy): the base weights,
+    each adapted module's weight under ``<module>.base_layer.weight`` (verl's replace_lora_wrapper)."""
+    from verl.utils.fsdp_utils import replace_lora_wrapper
+
+    config = actor.peft_config["default"]
+    base = actor.get_base_model().state_dict()
+    return {
+        replace_lora_wrapper(name.replace(".base_layer", ""), config): tensor
+        for name, tensor in base.items()
+        if "lora_" not in name
+    }
+
+
+def test_adapters_from_the_actor_make_the_rollout_compute_what_the_actor_computes():
+    actor = lora_actor()
+    peft_config, weights = adapter_update(actor)
+    assert all("lora_" in name for name in weights)
+    rollout = load_adapters(tiny_qwen2(seed=0), peft_config, weights)
+    greedy = settings(greedy=True, max_tokens=6)
+    decoded = decode_one(rollout, PROMPT, greedy, frozenset({EOS_ID}), torch.Generator())
+    assert decoded.token_ids == greedy_reference(actor, PROMPT, 6)
+    assert decoded.token_ids != greedy_reference(tiny_qwen2(seed=0), PROMPT, 6)  # the adapters matter
+    expected = forward_log_probs(actor, PROMPT, decoded.token_ids, temperature=1.0)
+    torch.testing.assert_close(torch.tensor(decoded.log_probs), expected, atol=1e-4, rtol=0)
+
+    # the next update replaces the adapters in place
+    newer = lora_actor(seed=4)
+    rollout = load_adapters(rollout, *adapter_update(newer))
+    assert greedy_reference(rollout, PROMPT, 6) == greedy_reference(newer, PROMPT, 6)
+
+
+def test_base_weights_load_with_or_without_adapters_in_place():
+    actor = lora_actor()
+    base = {name: tensor + 0.5 for name, tensor in base_update(actor).items()}
+    assert any(".base_layer." in name for name in base)
+    plain = tiny_qwen2(seed=0)
+    load_base_weights(plain, base)
+    torch.testing.assert_close(
+        plain.model.layers[0].self_attn.q_proj.weight, base["model.layers.0.self_attn.q_proj.base_layer.weight"]
+    )
+    wrapped = load_adapters(tiny_qwen2(seed=0), *adapter_update(actor))
+    load_base_weights(wrapped, base)
+    torch.testing.assert_close(
+        wrapped.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight,
+        base["model.layers.0.self_attn.q_proj.base_layer.weight"],
+    )
+    torch.testing.assert_close(wrapped.get_base_model().model.embed_tokens.weight, base["model.embed_tokens.weight"])
+
+
+def test_a_partial_lora_update_is_refused():
+    actor = lora_actor()
+    peft_config, weights = adapter_update(actor)
+    dropped = sorted(weights)[0]
+    with pytest.raises(ValueError, match="LoRA update does not match the rollout's adapters .*missing"):
+        load_adapters(tiny_qwen2(seed=0), peft_config, {k: v for k, v in weights.items() if k != dropped})
+    base = base_update(actor)
+    with pytest.raises(ValueError, match="missing: \\['model.embed_tokens.weight'\\]"):
+        load_base_weights(tiny_qwen2(seed=0), {k: v for k, v in base.items() if k != "model.embed_tokens.weight"})
+
+
 # --- the request queue (no model) -------------------------------------------------------------
 
 
@@ -575,6 +661,30 @@ async def test_adapter_pushes_new_weights_to_the_server(replica, policy, model_d
     assert restored.token_ids == greedy_reference(policy, PROMPT, 10)
     # a sync without a step number keeps the version tag the trainer's metrics rely on
     assert restored.extra_fields["global_steps"] == 5
+
+
+async def test_adapter_pushes_a_lora_actors_base_then_adapters_to_the_server(replica, policy, model_dir, monkeypatch):
+    """The order verl's update_weights uses without lora.merge: the base once, then the adapters."""
+    actor = lora_actor()
+    monkeypatch.setenv("RANK", "0")
+    model_config = HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"})
+    adapter = HFServerAdapter(config=rollout_config(), model_config=model_config, device_mesh=None)
+    peft_config, weights = adapter_update(actor)
+    await adapter.update_weights(iter(base_update(actor).items()), peft_config=peft_config, base_sync_done=False)
+    await adapter.update_weights(iter(weights.items()), peft_config=peft_config, base_sync_done=True, global_steps=2)
+    try:
+        greedy = await request(replica.server_handle, temperature=0.0, ignore_eos=True)
+        assert greedy.token_ids == greedy_reference(actor, PROMPT, 10) != greedy_reference(policy, PROMPT, 10)
+        sampled = await request(replica.server_handle, temperature=1.0, ignore_eos=True)
+        expected = forward_log_probs(actor, PROMPT, sampled.token_ids, temperature=1.0)
+        torch.testing.assert_close(torch.tensor(sampled.log_probs), expected, atol=1e-4, rtol=0)
+    finally:
+        # the module's other tests expect the plain policy: zero adapters leave the base as it was
+        zeroed = {name: torch.zeros_like(tensor) if "lora_B" in name else tensor for name, tensor in weights.items()}
+        await adapter.update_weights(iter(zeroed.items()), peft_config=peft_config, base_sync_done=True)
+    assert (await request(replica.server_handle, temperature=0.0, ignore_eos=True)).token_ids == greedy_reference(
+        policy, PROMPT, 10
+    )
 
 
 async def test_abort_parks_or_rejects_new_requests_until_resume(replica):

@@ -140,6 +140,29 @@ def test_a_distillation_run_is_marked_for_every_ray_process(undecided_driver, mo
     driver.prepare_trainer_config(config)
     assert os.environ["VERL_DISTILL_RUN"] == "1"
     assert config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_DISTILL_RUN == "1"
+    assert "VERL_DISTILL_LORA_TEACHER" not in config.ray_kwargs.ray_init.runtime_env.env_vars  # a full student
+
+
+def test_a_lora_student_with_a_separate_teacher_is_marked_for_every_ray_process(
+    undecided_driver, monkeypatch, tiny_assets
+):
+    monkeypatch.setenv("VERL_PLATFORM", "")
+    monkeypatch.setenv("VERL_DISTILL_RUN", "")
+    monkeypatch.setenv("VERL_DISTILL_LORA_TEACHER", "")
+    config = _trainer_config(
+        [
+            f"actor_rollout_ref.model.path={tiny_assets.student}",
+            f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
+            "actor_rollout_ref.model.lora_rank=8",
+            f"data.train_files={tiny_assets.train_files}",
+            f"data.val_files={tiny_assets.val_files}",
+        ],
+        config_name="distillation_trainer",
+    )
+    driver.choose_platform(config)
+    driver.prepare_trainer_config(config)
+    assert os.environ["VERL_DISTILL_LORA_TEACHER"] == "1"
+    assert config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_DISTILL_LORA_TEACHER == "1"
 
 
 def test_a_selection_run_names_its_strategy_for_every_ray_process(undecided_driver, monkeypatch, tiny_assets):
@@ -239,8 +262,16 @@ def _ours(file: str) -> bool:
     return f"{os.sep}verl{os.sep}distill{os.sep}" in file
 
 
-def test_a_stock_gpu_run_keeps_every_verl_symbol_that_verl_distill_can_adapt():
-    files = _symbol_files({"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": None, "VERL_DISTILL_SELECT": None})
+@pytest.mark.parametrize("stale_lora_mark", [None, "1"], ids=["clean environment", "stale LoRA-teacher mark"])
+def test_a_stock_gpu_run_keeps_every_verl_symbol_that_verl_distill_can_adapt(stale_lora_mark):
+    files = _symbol_files(
+        {
+            "VERL_PLATFORM": "nvidia",
+            "VERL_DISTILL_RUN": None,
+            "VERL_DISTILL_SELECT": None,
+            "VERL_DISTILL_LORA_TEACHER": stale_lora_mark,
+        }
+    )
     expected = {f"{a.module}.{name}" for a in compat.ADAPTATIONS for name in a.replaces}
     assert set(files) == expected and len(files) >= 16
     assert [symbol for symbol, file in files.items() if _ours(file)] == []
@@ -252,7 +283,9 @@ def test_a_cpu_distillation_driver_has_every_adaptation():
 
 
 def test_a_gpu_distillation_run_adapts_only_what_distillation_needs():
-    files = _symbol_files({"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": "1", "VERL_DISTILL_SELECT": None})
+    files = _symbol_files(
+        {"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": "1", "VERL_DISTILL_SELECT": None, "VERL_DISTILL_LORA_TEACHER": None}
+    )
     adapted = {symbol for symbol, file in files.items() if _ours(file)}
     assert adapted == {
         "verl.workers.engine_workers.ppo_loss",
@@ -280,6 +313,22 @@ def test_a_gpu_selection_run_also_adapts_the_reference_pass():
 def test_a_selection_strategy_outside_a_distillation_run_adapts_nothing():
     files = _symbol_files({"VERL_PLATFORM": "nvidia", "VERL_DISTILL_RUN": None, "VERL_DISTILL_SELECT": "random"})
     assert [symbol for symbol, file in files.items() if _ours(file)] == []
+
+
+@pytest.mark.parametrize(
+    ("distillation_run", "lora_teacher_run", "applies"),
+    [("1", "1", True), ("1", None, False), (None, "1", False)],
+)
+def test_the_lora_teacher_adaptation_applies_only_to_a_marked_lora_distillation_run(
+    monkeypatch, distillation_run, lora_teacher_run, applies
+):
+    for name, value in (("VERL_DISTILL_RUN", distillation_run), ("VERL_DISTILL_LORA_TEACHER", lora_teacher_run)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    (adaptation,) = [a for a in compat.ADAPTATIONS if a.adapt is compat._teacher_beside_lora_actor]
+    assert adaptation.applies() is applies
 
 
 def test_a_distillation_config_outside_a_marked_run_is_refused(monkeypatch):

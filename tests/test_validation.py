@@ -153,16 +153,68 @@ def test_unknown_teacher_key(files):
 
 
 @pytest.mark.parametrize(
-    ("override", "key"),
+    "overrides",
     [
-        ("actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_rank"),
-        ("actor_rollout_ref.model.lora.rank=8", "actor_rollout_ref.model.lora.rank"),
-        ("actor_rollout_ref.model.lora_adapter_path=/adapters", "actor_rollout_ref.model.lora_adapter_path"),
+        pytest.param(["actor_rollout_ref.model.lora_rank=8"], id="rank"),
+        pytest.param(
+            ["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_adapter_path=/adapters"],
+            id="pre-trained adapter",
+        ),
+        pytest.param(
+            [
+                "actor_rollout_ref.model.lora_rank=8",
+                "actor_rollout_ref.actor.policy_loss.loss_mode=forward_kl_topk",
+                "actor_rollout_ref.actor.distill.topk=7",
+            ],
+            id="top-k loss with a separate teacher",
+        ),
+        pytest.param(["actor_rollout_ref.model.lora_rank=8", "{student_as_teacher}"], id="teacher = the student"),
     ],
 )
-def test_lora_student(files, override, key):
-    message = refusal(distillation_config(files, override))
-    assert message.startswith(f"{key}: a LoRA student")
+def test_a_lora_student_passes(files, overrides):
+    """A LoRA student trains against a separate teacher (or against its own base when the teacher is its path)."""
+    overrides = [o.format(student_as_teacher=f"actor_rollout_ref.ref.model.path={files['student']}") for o in overrides]
+    validate_distillation_config(distillation_config(files, *overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        (
+            ["actor_rollout_ref.model.lora.rank=8"],
+            "actor_rollout_ref.model.lora.rank: is the Megatron engine's LoRA setting: verl's FSDP engine ignores it",
+        ),
+        (
+            ["actor_rollout_ref.model.lora_adapter_path=/adapters"],
+            "actor_rollout_ref.model.lora_adapter_path: is set but actor_rollout_ref.model.lora_rank is 0",
+        ),
+        (
+            ["{student_as_teacher}", "actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.ref.model.trust_remote_code=false"],
+            "actor_rollout_ref.ref.model.trust_remote_code: has no effect: the teacher is the LoRA student's own base model",
+        ),
+        (
+            [
+                "{student_as_teacher}",
+                "actor_rollout_ref.model.lora_rank=8",
+                "actor_rollout_ref.actor.policy_loss.loss_mode=reverse_kl_topk",
+            ],
+            "actor_rollout_ref.actor.policy_loss.loss_mode: reverse_kl_topk needs the teacher's logits",
+        ),
+    ],
+    ids=["Megatron key on FSDP", "adapter without rank", "teacher setting on the student's base", "top-k on the base"],
+)
+def test_lora_settings_that_cannot_work(files, overrides, start):
+    overrides = [o.format(student_as_teacher=f"actor_rollout_ref.ref.model.path={files['student']}") for o in overrides]
+    assert refusal(distillation_config(files, *overrides)).startswith(start)
+
+
+def test_a_lora_student_on_megatron(files):
+    config = distillation_config(
+        files, "actor_rollout_ref.model.lora.rank=8", config_name="distillation_megatron_trainer"
+    )
+    assert refusal(config).startswith(
+        "actor_rollout_ref.model.lora.rank: a LoRA student is supported with the FSDP engine, not 'megatron'"
+    )
 
 
 def test_unknown_loss_mode(files):

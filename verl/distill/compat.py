@@ -1,7 +1,7 @@
 """The one module where verl-distill changes verl's behaviour at run time.
 
 Everything else in verl-distill uses verl's extension points (platform, rollout, reward-manager and
-engine registries, config ``_target_`` classes). Twelve things have no extension point in verl 0.9.1:
+engine registries, config ``_target_`` classes). Thirteen things have no extension point in verl 0.9.1:
 
 1. the actor's loss is hard-wired to ``ppo_loss`` in ``ActorRolloutRefWorker.init_model``:
    the module-level name is routed through our loss registry (``policy_loss.loss_mode``), and for
@@ -54,7 +54,14 @@ engine registries, config ``_target_`` classes). Twelve things have no extension
    ``register_trainer`` refuses to re-register): with ``actor.distill.select_strategy`` other than
    ``all`` its ``_compute_ref_log_prob`` runs verl's own phase on the selected responses only and
    marks the rest for the losses (:mod:`verl.distill.selective_teacher`). The run's driver names the
-   strategy in ``VERL_DISTILL_SELECT``.
+   strategy in ``VERL_DISTILL_SELECT``;
+13. a LoRA actor is its own reference in verl: the trainer decides ``ref_in_actor`` inline from the
+   model config (in ``_setup`` and ``_init_resource_pool_mgr``, no hook), builds no reference model and
+   asks the actor for log-probs with the adapters off. For a LoRA student with a separate teacher,
+   ``init_model`` also builds verl's reference model (the teacher) in the actor's worker, and the
+   actor's adapters-off requests are answered by it (:mod:`verl.distill.lora_teacher`). Replacing the
+   trainer's decision instead would mean re-implementing ``_setup``; the worker side changes one
+   instance method and keeps verl's trainer and reference construction as they are.
 
 Each change applies only to the runs it is for (:data:`ADAPTATIONS`: a CPU job, a distillation
 run, the trainer's driver process), so installing verl-distill leaves every other verl run, a GPU
@@ -233,16 +240,57 @@ def _adapt_engine_workers(module: ModuleType) -> None:
 
     original_init_model = module.ActorRolloutRefWorker.init_model
 
+    from verl.distill.lora_teacher import check_lora_student_has_its_teacher
     from verl.distill.teacher import check_ref_holds_teacher
 
     @functools.wraps(original_init_model)
     def init_model(self):
         original_init_model(self)
         check_ref_holds_teacher(self)
+        check_lora_student_has_its_teacher(self)
         _prepare_distribution_losses(self)
 
     module.ActorRolloutRefWorker.init_model = init_model
 
+
+
+# verl's code the LoRA student's teacher relies on: the actor worker computes log-probs with its
+# TrainingWorker's infer_batch, which reads the trainer's adapters-off request.
+_LORA_REFERENCE_REQUEST_FINGERPRINTS = (
+    ("ActorRolloutRefWorker.compute_log_prob", "fe5b9b04b0c571c4"),
+    ("TrainingWorker.infer_batch", "3ebb58da0ac11502"),
+)
+# The trainers that send a LoRA actor's reference pass to compute_log_prob with no_lora_adapter.
+_LORA_REFERENCE_TRAINERS = ("verl.trainer.ppo.v1.trainer_base", "verl.trainer.ppo.ray_trainer")
+
+
+def _lora_trainers_ask_the_actor_for_the_reference() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    for name in _LORA_REFERENCE_TRAINERS:
+        source = Path(importlib.util.find_spec(name).origin).read_text()
+        _expect(
+            'metadata["no_lora_adapter"] = True' in source and "self.actor_rollout_wg.compute_log_prob(" in source,
+            f"{name} no longer asks a LoRA actor for the reference log-probs with no_lora_adapter",
+        )
+
+
+def _teacher_beside_lora_actor(module: ModuleType) -> None:
+    require_supported_verl()
+    from verl.distill.lora_teacher import with_teacher_beside_lora_actor
+
+    fix = "use the verl version verl-distill was written for, or train the full student"
+    for qualified_name, fingerprint in _LORA_REFERENCE_REQUEST_FINGERPRINTS:
+        class_name, method = qualified_name.split(".")
+        require_unchanged(getattr(getattr(module, class_name), method), fingerprint, fix)
+    init_model_source = inspect.getsource(module.ActorRolloutRefWorker.init_model)
+    _expect(
+        'if "ref" in self.role:' in init_model_source and "self.ref = self.ref_worker_cls(" in init_model_source,
+        "ActorRolloutRefWorker.init_model no longer builds the reference model where the role names it",
+    )
+    _lora_trainers_ask_the_actor_for_the_reference()
+    module.ActorRolloutRefWorker.init_model = with_teacher_beside_lora_actor(module.ActorRolloutRefWorker.init_model)
 
 
 def _gloo_process_group_on_cpu(module: ModuleType) -> None:
@@ -496,6 +544,12 @@ def response_selection_run() -> bool:
     return distillation_run() and os.environ.get(RESPONSE_SELECTION_ENV, "all") != "all"
 
 
+def _lora_teacher_run() -> bool:
+    from verl.distill.lora_teacher import lora_teacher_run
+
+    return lora_teacher_run()
+
+
 def _cpu_job() -> bool:
     from verl.distill.cpu_job import cpu_platform_active
 
@@ -537,6 +591,13 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
         "distillation run",
         distillation_run,
         _adapt_engine_workers,
+    ),
+    Adaptation(
+        "verl.workers.engine_workers",
+        ("ActorRolloutRefWorker.init_model",),
+        "distillation run with a LoRA student and a separate teacher",
+        lambda: distillation_run() and _lora_teacher_run(),
+        _teacher_beside_lora_actor,
     ),
     Adaptation(
         "verl.workers.engine_workers",

@@ -5,7 +5,8 @@ Hydra composes the config: it refuses what Hydra would reject with a multi-line 
 (FSDP settings given to the Megatron config). Inside ``main_ppo.main``, on the composed config,
 ``choose_platform`` decides whether the run is a CPU job (:mod:`verl.distill.cpu_job`) before verl
 resolves its device, and ``prepare_trainer_config`` adapts a CPU job's config, marks a distillation
-run for every Ray process of the job (:func:`verl.distill.compat.distillation_run`) and validates
+run for every Ray process of the job (:func:`verl.distill.compat.distillation_run`; a LoRA student
+with a separate teacher too, :func:`verl.distill.lora_teacher.lora_teacher_run`) and validates
 distillation settings. Either way a mistake is reported as one line naming the key and the fix,
 with a non-zero exit, seconds after the command was typed instead of as a Ray traceback minutes later.
 """
@@ -196,11 +197,15 @@ def _check_resumable(config: DictConfig) -> None:
 def _mark_distillation_run(config: DictConfig) -> None:
     from verl.distill.compat import DISTILLATION_RUN_ENV, RESPONSE_SELECTION_ENV
     from verl.distill.cpu_job import set_job_env_var
+    from verl.distill.lora_teacher import LORA_TEACHER_RUN_ENV, separate_teacher_for_lora_student
     from verl.distill.selective_teacher import selection_options
 
-    os.environ[DISTILLATION_RUN_ENV] = "1"
-    set_job_env_var(config, DISTILLATION_RUN_ENV, "1")
+    marks = {DISTILLATION_RUN_ENV: "1"}
+    if separate_teacher_for_lora_student(config.actor_rollout_ref.model, config.actor_rollout_ref.ref.get("model")):
+        marks[LORA_TEACHER_RUN_ENV] = "1"
     strategy, _ = selection_options(config)
     if strategy != "all":
-        os.environ[RESPONSE_SELECTION_ENV] = strategy
-        set_job_env_var(config, RESPONSE_SELECTION_ENV, strategy)
+        marks[RESPONSE_SELECTION_ENV] = strategy
+    for mark, value in marks.items():
+        os.environ[mark] = value
+        set_job_env_var(config, mark, value)

@@ -10,7 +10,8 @@ with the unchanged agent loop and trainer:
   batches (:mod:`verl.distill.request_batching`): requests with the same sampling distribution are
   left-padded and decoded together, at most ``rollout.max_num_seqs`` at once.
 * :class:`HFServerAdapter` (a :class:`BaseRollout`, key ``("hf", "async")``) lives in the trainer
-  worker; after every actor update it pushes the full state dict to the server.
+  worker; after every actor update it pushes the weights to the server: the full state dict, or a
+  LoRA actor's adapters (:mod:`verl.distill.rollout_weights`).
 
 The decoding core (:func:`sampling_log_probs`, :func:`decode`) is plain torch so it can be checked
 against a direct forward pass without Ray.
@@ -28,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from verl.distill.request_batching import RequestAborted, RequestBatcher
+from verl.distill.rollout_weights import load_adapters, load_base_weights, load_full_state_dict, underlying_model
 from verl.utils import normalize_token_ids
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig, RolloutConfig
@@ -192,8 +194,10 @@ def _last_position_logits_only(model: torch.nn.Module) -> dict[str, int]:
     """Forward kwargs that skip the logits of all but the last position, where the model supports it.
 
     A left-padded batch's logits over whole prompts would take rows x prompt length x vocabulary floats.
+    A PEFT wrapper passes the keyword on to the model it wraps.
     """
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    forward = underlying_model(model).forward
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
 
 
 @torch.inference_mode()
@@ -307,25 +311,6 @@ def eos_token_ids(model_config: HFModelConfig) -> frozenset[int]:
     if tokenizer_eos is not None:
         ids.add(tokenizer_eos)
     return frozenset(ids)
-
-
-def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Overwrite every weight of ``model`` with ``state_dict`` (cast to the model's dtype).
-
-    A key the model does not have, or a model weight that is neither sent nor tied to a sent
-    weight (e.g. ``lm_head`` tied to the embeddings), is an error: a partial update would make
-    the rollout sample from a mix of old and new weights.
-    """
-    own = model.state_dict()
-    sent_storages = {own[name].data_ptr() for name in state_dict if name in own}
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [name for name in result.missing_keys if own[name].data_ptr() not in sent_storages]
-    if result.unexpected_keys or missing:
-        raise ValueError(
-            f"hf rollout: weight update does not match the rollout model "
-            f"(unknown: {sorted(result.unexpected_keys)[:5]}, missing: {sorted(missing)[:5]}); "
-            "the trainer and the rollout must load the same actor_rollout_ref.model.path"
-        )
 
 
 def server_actor_name(
@@ -463,14 +448,27 @@ class HFRolloutServer:
     def _aborted_output(self) -> TokenOutput:
         return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps})
 
-    async def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: Optional[int] = None):
-        """Replace all weights between two batches, so no response mixes two versions.
+    async def update_weights(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        global_steps: Optional[int] = None,
+        peft_config: Optional[dict[str, Any]] = None,
+        base_sync_done: bool = True,
+    ):
+        """Replace the weights between two batches, so no response mixes two versions.
 
-        A sync without a step number (verl re-syncs that way around validation) keeps the current
-        version tag, as verl's vLLM adapter does: the trainer's metrics need an integer tag.
+        ``peft_config`` marks a LoRA actor's update (:mod:`verl.distill.rollout_weights`): its base
+        weights when ``base_sync_done`` is false, else its adapters. A sync without a step number (verl
+        re-syncs that way around validation) keeps the current version tag, as verl's vLLM adapter
+        does: the trainer's metrics need an integer tag.
         """
         async with self._batcher.exclusive():
-            load_full_state_dict(self.model, state_dict)
+            if peft_config is None:
+                load_full_state_dict(self.model, state_dict)
+            elif not base_sync_done:
+                load_base_weights(self.model, state_dict)
+            else:
+                self.model = load_adapters(self.model, peft_config, state_dict)
             if global_steps is not None:
                 self.global_steps = global_steps
 
@@ -573,23 +571,23 @@ class HFServerAdapter(BaseRollout):
         weights: Iterable[tuple[str, torch.Tensor]],
         wire_format: str = "named_tensors",
         global_steps: Optional[int] = None,
-        peft_config: Any = None,
+        peft_config: Optional[dict[str, Any]] = None,
+        base_sync_done: bool = True,
         **kwargs,
     ):
-        """Collect the full ``(name, tensor)`` stream on the CPU and push it to the server in one call."""
+        """Collect the ``(name, tensor)`` stream on the CPU and push it to the server in one call.
+
+        A LoRA actor's stream (``peft_config`` set) holds its base weights (``base_sync_done=False``)
+        or its adapters; the server applies either (:mod:`verl.distill.rollout_weights`).
+        """
         if wire_format != "named_tensors":
             raise ValueError(
                 f"hf rollout: checkpoint engine wire_format={wire_format!r} is not supported; "
                 "use actor_rollout_ref.rollout.checkpoint_engine.backend=naive"
-            )
-        if peft_config is not None:
-            raise ValueError(
-                "hf rollout: LoRA adapters cannot be loaded into the server; "
-                "set actor_rollout_ref.model.lora.merge=True"
             )
         state_dict = {}
         async for name, tensor in ensure_async_iterator(weights):
             if self.is_leader_rank:
                 state_dict[name] = tensor.detach().cpu()
         if self.is_leader_rank:
-            await self._server_actor().update_weights.remote(state_dict, global_steps)
+            await self._server_actor().update_weights.remote(state_dict, global_steps, peft_config, base_sync_done)

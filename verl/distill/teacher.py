@@ -184,10 +184,10 @@ def check_ref_holds_teacher(worker) -> None:
 
 
 def student_lora_setting(model: Mapping[str, Any]) -> Optional[tuple[str, Any]]:
-    """The ``actor_rollout_ref.model`` key that makes the student a LoRA model, if any.
+    """The ``actor_rollout_ref.model`` key that makes the student a LoRA model in verl's eyes, if any.
 
-    verl then uses the student without its adapters as the reference, builds no ref worker and so
-    never loads the teacher: the KL to the "teacher" is silently zero.
+    These are the keys verl's trainer reads to make the actor its own reference (adapters off, no
+    reference model): :mod:`verl.distill.lora_teacher` loads a separate teacher for such a student.
     """
     lora = model.get("lora") or {}
     if (lora.get("rank") or 0) > 0:

@@ -1,7 +1,8 @@
 """Checks of a distillation config on the driver, before Ray starts.
 
-A distillation mistake otherwise shows up minutes later inside a Ray worker, or never: a LoRA
-student or a teacher with another tokenizer trains without an error against a meaningless target.
+A distillation mistake otherwise shows up minutes later inside a Ray worker, or never: a teacher with
+another tokenizer, or a LoRA setting verl's FSDP engine ignores, trains without an error against a
+meaningless target.
 :func:`validate_distillation_config` raises :class:`DistillConfigError`, one line naming the key (or
 file) and the fix. It checks only configs that select distillation (a distillation loss mode, the
 ``distillation`` reward manager, or a teacher in ``actor_rollout_ref.ref.model.path``); the rest is left to
@@ -89,9 +90,9 @@ def validate_distillation_config(config: DictConfig) -> None:
     """Raise :class:`DistillConfigError` for the first distillation setting that cannot work."""
     if not selects_distillation(config):
         return
-    _check_student(config)
     _check_engine_settings(config)
     _check_teacher_slot(config)
+    _check_lora_student(config)
     _check_loss(config)
     _check_distill_options(config)
     _check_rewards_and_advantages(config)
@@ -107,18 +108,6 @@ def validate_distillation_config(config: DictConfig) -> None:
     _check_topk(config, tokenizer)
     _check_prompt_lengths(config, tokenizer)
     _warn_of_cut_off_policy_responses(config, tokenizer)
-
-
-def _check_student(config: DictConfig) -> None:
-    lora = student_lora_setting(_get(config, "actor_rollout_ref.model", {}))
-    if lora is not None:
-        key, value = lora
-        raise DistillConfigError(
-            key,
-            f"a LoRA student ({value}) makes verl use the student without adapters as the reference, "
-            "so the teacher is never loaded",
-            f"train the full student: remove {key} (distillation with LoRA is not supported)",
-        )
 
 
 # --- FSDP settings on the Megatron config ---------------------------------------------------------
@@ -275,6 +264,65 @@ def _check_teacher_slot(config: DictConfig) -> None:
             f"actor_rollout_ref.ref.model.{unknown[0]}",
             "is not a teacher model setting",
             f"remove it; valid keys: {', '.join(sorted(TEACHER_MODEL_KEYS))}",
+        )
+
+
+LORA_RANK_KEY = "actor_rollout_ref.model.lora_rank"
+MEGATRON_LORA_RANK_KEY = "actor_rollout_ref.model.lora.rank"
+LORA_ADAPTER_PATH_KEY = "actor_rollout_ref.model.lora_adapter_path"
+
+
+def _check_lora_student(config: DictConfig) -> None:
+    """A LoRA student trains against a separate teacher (:mod:`verl.distill.lora_teacher`), or against
+    its own base model when the teacher is the student's path (verl's adapters-off reference)."""
+    from verl.distill.lora_teacher import is_students_base
+    from verl.workers.roles.utils.loss_registry import needs_teacher_logits
+
+    model = _get(config, "actor_rollout_ref.model", {})
+    lora = student_lora_setting(model)
+    if lora is None:
+        return
+    key, value = lora
+    strategy = _get(config, "actor_rollout_ref.actor.strategy")
+    if strategy not in ("fsdp", "fsdp2"):
+        raise DistillConfigError(
+            key,
+            f"a LoRA student is supported with the FSDP engine, not {strategy!r}",
+            f"use --config-name=distillation_trainer with {LORA_RANK_KEY}, or train the full student",
+        )
+    lora_rank = model.get("lora_rank") or 0
+    if lora_rank <= 0 and key == MEGATRON_LORA_RANK_KEY:
+        raise DistillConfigError(
+            key,
+            "is the Megatron engine's LoRA setting: verl's FSDP engine ignores it and would train every weight",
+            f"set {LORA_RANK_KEY}={value} instead",
+        )
+    if lora_rank <= 0:
+        raise DistillConfigError(
+            LORA_ADAPTER_PATH_KEY,
+            f"is set but {LORA_RANK_KEY} is 0: verl's FSDP engine loads the adapter only for a positive rank "
+            "and would train every weight",
+            f"set {LORA_RANK_KEY} to the adapter's rank",
+        )
+    teacher = _get(config, "actor_rollout_ref.ref.model", {})
+    if not is_students_base(teacher.get("path"), model.get("path")):
+        return
+    # verl's adapters-off reference already is the student's base model: no teacher engine is built
+    settings = sorted(name for name, setting in teacher.items() if name != "path" and setting is not None)
+    if settings:
+        raise DistillConfigError(
+            f"actor_rollout_ref.ref.model.{settings[0]}",
+            f"has no effect: the teacher is the LoRA student's own base model ({TEACHER_PATH_KEY} = "
+            "actor_rollout_ref.model.path), which verl scores with the student's adapters switched off",
+            f"remove it, or set {TEACHER_PATH_KEY} to another model",
+        )
+    loss_mode = _get(config, LOSS_MODE_KEY, "vanilla")
+    if needs_teacher_logits(loss_mode):
+        raise DistillConfigError(
+            LOSS_MODE_KEY,
+            f"{loss_mode} needs the teacher's logits from a reference engine, and with the LoRA student's own "
+            f"base model as the teacher ({TEACHER_PATH_KEY} = actor_rollout_ref.model.path) verl builds none",
+            f"set {TEACHER_PATH_KEY} to another model, or {LOSS_MODE_KEY}=distillation",
         )
 
 

@@ -206,7 +206,8 @@ def _check_tokenizer_files(folder: Path) -> None:
 
 
 def merge_fsdp_checkpoint(actor_dir: Path, target_dir: Path) -> None:
-    """Merge verl FSDP shards into a Hugging Face folder with verl's own model merger (weights in bf16)."""
+    """Merge verl FSDP shards into a Hugging Face folder with verl's own model merger (weights in bf16); a
+    LoRA student's adapters are merged into its weights."""
     from verl.model_merger.base_model_merger import ModelMergerConfig
     from verl.model_merger.fsdp_model_merger import FSDPModelMerger
 
@@ -237,6 +238,25 @@ def merge_fsdp_checkpoint(actor_dir: Path, target_dir: Path) -> None:
             sys.stderr.write(merger_output.getvalue())
             raise
         merger.cleanup()
+    _merge_lora_adapter(target_dir)
+
+
+LORA_ADAPTER_FOLDER = "lora_adapter"
+
+
+def _merge_lora_adapter(target_dir: Path) -> None:
+    """Fold a LoRA student's adapters into the merged weights. verl's merger writes a LoRA checkpoint as
+    the base model plus a ``lora_adapter`` folder, and loading the folder alone would score the base."""
+    adapter = target_dir / LORA_ADAPTER_FOLDER
+    if not (adapter / "adapter_config.json").is_file():
+        return
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged.to(torch.bfloat16).save_pretrained(target_dir)
 
 
 class _DropMessages(logging.Filter):
