@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from trainer_runs import ray_tmpdir  # noqa: F401  (a fixture)
-from trainer_runs import ray_started, run_trainer
+from trainer_runs import models_and_data, ray_started, run_trainer
 
 from verl.distill.policy_mixing import PolicySchedule
 from verl.distill.toy.task import read_problems, write_off_policy_parquet
@@ -47,10 +47,7 @@ def test_half_the_steps_train_on_the_dataset_responses_scored_by_the_teacher(toy
     run = run_trainer(
         tmp_path,
         [
-            f"data.train_files={toy_assets.train_files}",
-            f"data.val_files={toy_assets.val_files}",
-            f"actor_rollout_ref.model.path={toy_assets.student}",
-            f"actor_rollout_ref.ref.model.path={toy_assets.teacher}",
+            *models_and_data(toy_assets),
             f"data.seed={SEED}",
             f"data.train_batch_size={BATCH}",
             "data.max_prompt_length=16",
@@ -108,10 +105,7 @@ def test_an_off_policy_file_without_its_response_column_is_one_line_before_ray(t
     run = run_trainer(
         tmp_path,
         [
-            f"data.train_files={toy_assets.train_files}",
-            f"data.val_files={toy_assets.val_files}",
-            f"actor_rollout_ref.model.path={toy_assets.student}",
-            f"actor_rollout_ref.ref.model.path={toy_assets.teacher}",
+            *models_and_data(toy_assets),
             "data.on_policy_lambda=0.5",
             f"data.off_policy_files={off_policy_file}",
         ],

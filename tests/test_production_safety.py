@@ -124,49 +124,32 @@ def test_a_cpu_job_hands_the_platform_to_every_ray_process(undecided_driver, mon
     assert "VERL_DISTILL_RUN" not in config.ray_kwargs.ray_init.runtime_env.env_vars  # a GRPO run
 
 
-def test_a_distillation_run_is_marked_for_every_ray_process(undecided_driver, monkeypatch, tiny_assets):
-    monkeypatch.setenv("VERL_PLATFORM", "")
-    monkeypatch.setenv("VERL_DISTILL_RUN", "")
-    config = _trainer_config(
-        [
-            f"actor_rollout_ref.model.path={tiny_assets.student}",
-            f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
-            f"data.train_files={tiny_assets.train_files}",
-            f"data.val_files={tiny_assets.val_files}",
-        ],
-        config_name="distillation_trainer",
-    )
-    driver.choose_platform(config)
-    driver.prepare_trainer_config(config)
-    assert os.environ["VERL_DISTILL_RUN"] == "1"
-    assert config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_DISTILL_RUN == "1"
-    assert "VERL_DISTILL_LORA_TEACHER" not in config.ray_kwargs.ray_init.runtime_env.env_vars  # a full student
+RUN_MARKS = ("VERL_DISTILL_RUN", "VERL_DISTILL_LORA_TEACHER", "VERL_DISTILL_SELECT")
 
 
-def test_a_lora_student_with_a_separate_teacher_is_marked_for_every_ray_process(
-    undecided_driver, monkeypatch, tiny_assets
+@pytest.mark.parametrize(
+    ("config_name", "overrides", "marks"),
+    [
+        pytest.param("distillation_trainer", [], {"VERL_DISTILL_RUN": "1"}, id="full student"),
+        pytest.param(
+            "distillation_trainer",
+            ["actor_rollout_ref.model.lora_rank=8"],
+            {"VERL_DISTILL_RUN": "1", "VERL_DISTILL_LORA_TEACHER": "1"},
+            id="LoRA student with a separate teacher",
+        ),
+        pytest.param(
+            "distillation_hybrid_trainer",
+            ["actor_rollout_ref.actor.distill.select_strategy=best", "actor_rollout_ref.actor.distill.select_k=2"],
+            {"VERL_DISTILL_RUN": "1", "VERL_DISTILL_SELECT": "best"},
+            id="teacher on the best response",
+        ),
+        pytest.param("distillation_hybrid_trainer", [], {"VERL_DISTILL_RUN": "1"}, id="teacher on every response"),
+    ],
+)
+def test_a_distillation_run_marks_every_ray_process_with_what_it_needs(
+    undecided_driver, monkeypatch, tiny_assets, config_name, overrides, marks
 ):
-    monkeypatch.setenv("VERL_PLATFORM", "")
-    monkeypatch.setenv("VERL_DISTILL_RUN", "")
-    monkeypatch.setenv("VERL_DISTILL_LORA_TEACHER", "")
-    config = _trainer_config(
-        [
-            f"actor_rollout_ref.model.path={tiny_assets.student}",
-            f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
-            "actor_rollout_ref.model.lora_rank=8",
-            f"data.train_files={tiny_assets.train_files}",
-            f"data.val_files={tiny_assets.val_files}",
-        ],
-        config_name="distillation_trainer",
-    )
-    driver.choose_platform(config)
-    driver.prepare_trainer_config(config)
-    assert os.environ["VERL_DISTILL_LORA_TEACHER"] == "1"
-    assert config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_DISTILL_LORA_TEACHER == "1"
-
-
-def test_a_selection_run_names_its_strategy_for_every_ray_process(undecided_driver, monkeypatch, tiny_assets):
-    for name in ("VERL_PLATFORM", "VERL_DISTILL_RUN", "VERL_DISTILL_SELECT"):
+    for name in ("VERL_PLATFORM", *RUN_MARKS):
         monkeypatch.setenv(name, "")  # restored after the test; the driver sets them
     config = _trainer_config(
         [
@@ -174,33 +157,15 @@ def test_a_selection_run_names_its_strategy_for_every_ray_process(undecided_driv
             f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
             f"data.train_files={tiny_assets.train_files}",
             f"data.val_files={tiny_assets.val_files}",
-            "actor_rollout_ref.actor.distill.select_strategy=best",
-            "actor_rollout_ref.actor.distill.select_k=2",
+            *overrides,
         ],
-        config_name="distillation_hybrid_trainer",
+        config_name=config_name,
     )
     driver.choose_platform(config)
     driver.prepare_trainer_config(config)
-    assert os.environ["VERL_DISTILL_SELECT"] == "best"
-    assert config.ray_kwargs.ray_init.runtime_env.env_vars.VERL_DISTILL_SELECT == "best"
-
-
-def test_a_run_that_selects_nothing_is_not_named_a_selection_run(undecided_driver, monkeypatch, tiny_assets):
-    for name in ("VERL_PLATFORM", "VERL_DISTILL_RUN", "VERL_DISTILL_SELECT"):
-        monkeypatch.setenv(name, "")
-    config = _trainer_config(
-        [
-            f"actor_rollout_ref.model.path={tiny_assets.student}",
-            f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
-            f"data.train_files={tiny_assets.train_files}",
-            f"data.val_files={tiny_assets.val_files}",
-        ],
-        config_name="distillation_hybrid_trainer",
-    )
-    driver.choose_platform(config)
-    driver.prepare_trainer_config(config)
-    assert os.environ["VERL_DISTILL_SELECT"] == ""
-    assert "VERL_DISTILL_SELECT" not in config.ray_kwargs.ray_init.runtime_env.env_vars
+    job_env = config.ray_kwargs.ray_init.runtime_env.env_vars
+    assert {name: job_env[name] for name in RUN_MARKS if name in job_env} == marks
+    assert {name: os.environ[name] for name in RUN_MARKS if os.environ[name]} == marks
 
 
 def test_no_process_picks_the_cpu_platform_by_itself():

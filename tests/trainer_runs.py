@@ -28,6 +28,16 @@ TINY_RUN = [
 ]
 
 
+def models_and_data(assets) -> list[str]:
+    """The overrides naming a model pair's student, teacher, and training and validation files."""
+    return [
+        f"data.train_files={assets.train_files}",
+        f"data.val_files={assets.val_files}",
+        f"actor_rollout_ref.model.path={assets.student}",
+        f"actor_rollout_ref.ref.model.path={assets.teacher}",
+    ]
+
+
 @dataclass
 class TrainerRun:
     returncode: int
