@@ -18,7 +18,8 @@ from transfer_queue import KVBatchMeta
 
 from verl.distill.loss_config import DistillLossConfig
 from verl.distill.response_selection import KL_WEIGHT_KEY, teacher_token_weights
-from verl.distill.selective_teacher import micro_batch_for, selective_reference_pass
+from verl.distill.micro_batches import micro_batch_for
+from verl.distill.selective_teacher import selective_reference_pass
 from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import PolicyLossConfig

@@ -116,7 +116,9 @@ def _config(**distill):
         {
             "actor_rollout_ref": {
                 "actor": {"distill": distill},
-                "rollout": {"temperature": 0.7, "val_kwargs": {"n": 2}},
+                # each pass has its own size, the student's larger than a rank's 2 validation rows
+                "rollout": {"temperature": 0.7, "val_kwargs": {"n": 2}, "log_prob_micro_batch_size_per_gpu": 4},
+                "ref": {"log_prob_micro_batch_size_per_gpu": 1},
             }
         }
     )
@@ -335,6 +337,8 @@ def test_a_validation_batch_is_scored_by_the_student_then_the_teacher_with_the_r
     padded = ["u1_0_0", "u2_0_0", "u3_0_0", "pad_0"]  # two ranks: one no-op sample
     assert events[1][1] == padded and events[2][1] == padded
     assert events[1][2]["temperature"] == 0.7 and events[1][2]["calculate_entropy"] is False
+    # each pass gets the largest micro-batch up to its configured size that divides a rank's rows
+    assert events[1][2]["micro_batch_size_per_gpu"] == 2 and events[2][2]["micro_batch_size_per_gpu"] == 1
     # verl's batch is untouched and the padding is gone from TransferQueue
     assert batch.keys == padded[:3] and batch.extra_info == {"global_steps": 0}
     assert store.cleared == ["pad_0"]

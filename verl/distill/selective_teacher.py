@@ -25,11 +25,11 @@ returned), ``distill/teacher_token_share`` (those tokens / the tokens a stock re
 
 import functools
 from collections.abc import Callable
-from typing import Optional
 
 import torch
 from tensordict import TensorDict
 
+from verl.distill.micro_batches import MICRO_BATCH_KEY, configured_log_prob_micro_batch, micro_batch_for
 from verl.distill.response_selection import (
     KL_WEIGHT_KEY,
     REWARD_RANKED_STRATEGIES,
@@ -74,29 +74,6 @@ def _rows_for_the_teacher(batch, selected: list[bool], dp_size: int) -> list[int
         partitions = get_seqlen_balanced_partitions(workload, k_partitions=dp_size, equal_size=True)
         rows = [rows[i] for partition in partitions for i in partition]
     return rows
-
-
-# the reference worker's micro-batch size, read from the batch's info before its own config
-MICRO_BATCH_KEY = "micro_batch_size_per_gpu"
-
-
-def _configured_micro_batch(config, dp_size: int) -> Optional[int]:
-    """The reference pass's fixed micro-batch size per rank, None with dynamic batch sizes (or unset)."""
-    ref = config.actor_rollout_ref.ref
-    if ref.get("log_prob_use_dynamic_bsz", False):
-        return None
-    if ref.get("log_prob_micro_batch_size_per_gpu", None):
-        return int(ref.log_prob_micro_batch_size_per_gpu)
-    if ref.get("log_prob_micro_batch_size", None):
-        return max(int(ref.log_prob_micro_batch_size) // dp_size, 1)
-    return None
-
-
-def micro_batch_for(rows_per_rank: int, configured: int) -> int:
-    """The largest micro-batch size of at most ``configured`` rows that divides ``rows_per_rank``: verl's
-    engine splits a rank's rows into equal micro-batches, and the selected rows are fewer than the
-    batch the configured size was chosen for."""
-    return max(size for size in range(1, min(configured, rows_per_rank) + 1) if rows_per_rank % size == 0)
 
 
 def _per_token(values: list[float], lengths: list[int]) -> torch.Tensor:
@@ -151,7 +128,7 @@ def selective_reference_pass(stock_phase: Callable) -> Callable:
         dp_size = _reference_dp_size(trainer)
         teacher_rows = _rows_for_the_teacher(batch, selected, dp_size)
         sub_batch = batch.select_keys([batch.keys[row] for row in teacher_rows])
-        configured = _configured_micro_batch(trainer.config, dp_size)
+        configured = configured_log_prob_micro_batch(trainer.config.actor_rollout_ref.ref, dp_size)
         if configured is not None:
             sub_batch.extra_info[MICRO_BATCH_KEY] = micro_batch_for(len(teacher_rows) // dp_size, configured)
         stock_phase(trainer, sub_batch, metrics)

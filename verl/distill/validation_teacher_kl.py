@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from verl.distill.micro_batches import MICRO_BATCH_KEY, configured_log_prob_micro_batch, micro_batch_for
+
 logger = logging.getLogger(__name__)
 
 OPTION_KEY = "validation_teacher_kl"
@@ -136,6 +138,15 @@ def _teacher_log_probs(trainer, batch, metrics: dict):
     return trainer._compute_ref_log_prob(batch, metrics)
 
 
+def _fit_micro_batches(padded, log_prob_pass, ranks: int, rows_per_rank: int) -> None:
+    """The validation batch has as many rows as the validation file, which the pass's micro-batch size
+    (chosen for training batches) need not divide: hand the worker one that does."""
+    padded.extra_info.pop(MICRO_BATCH_KEY, None)
+    configured = configured_log_prob_micro_batch(log_prob_pass, ranks)
+    if configured is not None:
+        padded.extra_info[MICRO_BATCH_KEY] = micro_batch_for(rows_per_rank, configured)
+
+
 def measure_batch(trainer, batch, tally: TeacherKLTally) -> None:
     """Score a validation batch (its responses in TransferQueue) with student and teacher and add it
     to ``tally``; ``batch`` itself, and what verl reads from it afterwards, are left unchanged."""
@@ -164,13 +175,17 @@ def measure_batch(trainer, batch, tally: TeacherKLTally) -> None:
     padding_keys = padded.keys[len(batch) :]
     # The colocated rollout replicas hold device memory the two forward passes need, as around
     # verl's own colocated reward model in validation: sleep them, and sync (wake) them afterwards.
+    rows_per_rank = len(padded) // ranks
+    passes = trainer.config.actor_rollout_ref
     trainer.checkpoint_manager.sleep_replicas()
     try:
+        _fit_micro_batches(padded, passes.rollout, ranks, rows_per_rank)
         send_model_fields_only(_student_log_probs)(trainer, padded, {})
         student = tq.kv_batch_get(
             keys=batch.keys, partition_id=batch.partition_id, select_fields=["log_probs", "response_mask"]
         )
         student_log_probs = response_from_nested(student["log_probs"], student["response_mask"])
+        _fit_micro_batches(padded, passes.ref, ranks, rows_per_rank)
         send_model_fields_only(_teacher_log_probs)(trainer, padded, {})
     finally:
         trainer.checkpoint_manager.update_weights()
