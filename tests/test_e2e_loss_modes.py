@@ -1,8 +1,10 @@
 """Every loss mode runs 5 training steps on a CPU through ``python -m verl.trainer.main_ppo``, teacher in the ref slot.
 
 One run per mode (start-up dominates a run's cost), each checked on what it logged at every step.
-Covered by other runs: reverse_kl_topk (the toy learning test, tests/test_e2e_distillation.py) and
-hybrid GRPO (with a selection strategy, tests/test_e2e_selection.py).
+Covered by other runs: `distillation` and reverse_kl_topk over the whole vocabulary (the toy learning test,
+tests/test_e2e_distillation.py), forward_kl_topk with a tail bucket (the kill-and-resume test,
+tests/test_e2e_reliability.py), jsd_topk with a tail bucket (GKD's on/off-policy mixing,
+tests/test_e2e_policy_mixing.py) and hybrid GRPO (with a selection strategy, tests/test_e2e_selection.py).
 """
 
 import math
@@ -54,41 +56,6 @@ def test_policy_gradient_opd_logs_pg_loss_and_the_reward_kl_penalty_only(tiny_as
     # student and teacher differ, so the in-reward KL (the advantage's source) is not zero
     assert all(value != 0 for value in every_step(run, "actor/reward_kl_penalty"))
     assert not run.series("actor/kl_loss")
-
-
-def _tokenizer_length() -> int:
-    from verl.distill.toy.tokenizer import build_tokenizer
-
-    return len(build_tokenizer())
-
-
-# k = 32 of the tiny tokenizer's tokens leaves a tail bucket; k = the tokenizer's length is the whole
-# vocabulary, an empty tail and the exact divergence.
-WHOLE_VOCABULARY = _tokenizer_length()
-
-
-@pytest.mark.parametrize(
-    # a top-k with a tail bucket, and the whole vocabulary
-    "loss_mode, topk", [("forward_kl_topk", 32), ("jsd_topk", WHOLE_VOCABULARY)]
-)
-def test_distribution_loss_logs_a_positive_divergence_and_no_policy_gradient(tiny_assets, tmp_path, loss_mode, topk):
-    run = train(
-        tiny_assets,
-        tmp_path,
-        "distillation_trainer",
-        f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
-        f"actor_rollout_ref.actor.distill.topk={topk}",
-    )
-    assert all(value > 0 for value in every_step(run, "actor/kl_loss"))  # two different random models
-    assert every_step(run, "actor/distillation_mode") == [1.0] * STEPS
-    assert every_step(run, "actor/pg_loss") == [0.0] * STEPS
-    # the teacher's top-k came from the reference pass with the batch: the share of sampled tokens it
-    # holds is a fraction, and all of them when it is the whole vocabulary
-    coverage = every_step(run, "actor/teacher_topk_coverage")
-    if topk == WHOLE_VOCABULARY:
-        assert coverage == [1.0] * STEPS
-    else:
-        assert all(0 < value <= 1 for value in coverage)
 
 
 def test_hybrid_ppo_with_a_critic_logs_both_terms_and_the_value_loss(tiny_assets, tmp_path):

@@ -1,4 +1,5 @@
-"""On/off-policy mixing end to end on the toy task: λ = 0.5 through `python -m verl.trainer.main_ppo`."""
+"""On/off-policy mixing end to end on the toy task: λ = 0.5 through `python -m verl.trainer.main_ppo`, with
+GKD's own loss, the generalized JSD over the teacher's top-k plus a tail bucket."""
 
 import json
 import math
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.slow
 STEPS = 5
 BATCH = 16
 SEED = 0
+TOPK = 32  # of the toy tokenizer's 47 tokens: the tail bucket holds the rest
 QUESTION = re.compile(r"\d+\+\d+=")
 
 
@@ -40,7 +42,8 @@ def test_half_the_steps_train_on_the_dataset_responses_scored_by_the_teacher(toy
     off-policy file, with their responses (the teacher's correct answers) as the dumped text and the
     student's own probabilities as their rollout log-probs; the teacher
     scored them (it is sure of its own answers, unlike of the student's samples) and the loss on them is
-    finite and non-zero, with a finite non-zero gradient."""
+    finite and non-zero, with a finite non-zero gradient. The loss is `jsd_topk` with a tail bucket: the
+    teacher's top-k came from the reference pass with the batch, on both kinds of step."""
     off_policy_file = tmp_path / "off_policy.parquet"
     write_off_policy_parquet(read_problems(toy_assets.train_files), off_policy_file)
     rollouts = tmp_path / "rollouts"
@@ -67,6 +70,8 @@ def test_half_the_steps_train_on_the_dataset_responses_scored_by_the_teacher(toy
             f"data.off_policy_files={off_policy_file}",
             # the actor recomputes the old log-probs, and verl compares them with the rollout's
             "algorithm.rollout_correction.bypass_mode=false",
+            "actor_rollout_ref.actor.policy_loss.loss_mode=jsd_topk",
+            f"actor_rollout_ref.actor.distill.topk={TOPK}",
         ],
         config_name="distillation_trainer",
     )
@@ -78,6 +83,11 @@ def test_half_the_steps_train_on_the_dataset_responses_scored_by_the_teacher(toy
     on_policy = [schedule.is_on_policy(step) for step in range(1, STEPS + 1)]
     assert run.series("data/is_on_policy") == [float(on) for on in on_policy]
     assert 0 < sum(on_policy) < STEPS
+    # a divergence over the top-k, no policy gradient; the top-k holds a share of the sampled tokens
+    assert run.series("actor/distillation_mode") == [1.0] * STEPS
+    assert run.series("actor/pg_loss") == [0.0] * STEPS
+    coverage = run.series("actor/teacher_topk_coverage")
+    assert len(coverage) == STEPS and all(0 < value <= 1 for value in coverage), coverage
 
     file_rows = pq.read_table(off_policy_file).to_pylist()
     kl, teacher_log_prob, grad_norm = (

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
@@ -232,9 +233,12 @@ class LaunchedRun:
         return TrainerRun(returncode, self.log("stdout").read_text(), self.log("stderr").read_text(), metrics)
 
 
-def _launch(workdir: Path, tiny_assets, *overrides: str, name: str = "run") -> LaunchedRun:
+def _launch(
+    workdir: Path, tiny_assets, *overrides: str, name: str = "run", teacher: Path | None = None, ray_tmpdir: Path | None = None
+) -> LaunchedRun:
     """Start a distillation run of STEPS steps saving every SAVE_FREQ steps; ``name`` keeps a resumed
-    run's metrics and rollout dumps apart from those of the run it resumes."""
+    run's metrics and rollout dumps apart from those of the run it resumes. ``teacher`` replaces the
+    tiny teacher; ``ray_tmpdir`` is the run's ``RAY_TMPDIR``."""
     workdir.mkdir(parents=True, exist_ok=True)
     run = LaunchedRun(workdir, name)
     command = [
@@ -245,7 +249,7 @@ def _launch(workdir: Path, tiny_assets, *overrides: str, name: str = "run") -> L
         f"data.train_files={tiny_assets.train_files}",
         f"data.val_files={tiny_assets.val_files}",
         f"actor_rollout_ref.model.path={tiny_assets.student}",
-        f"actor_rollout_ref.ref.model.path={tiny_assets.teacher}",
+        f"actor_rollout_ref.ref.model.path={teacher or tiny_assets.teacher}",
         *TINY_RUN,
         f"data.seed={DATA_SEED}",
         f"trainer.total_training_steps={STEPS}",
@@ -257,6 +261,8 @@ def _launch(workdir: Path, tiny_assets, *overrides: str, name: str = "run") -> L
         *overrides,
     ]
     env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(run.metrics_file), HYDRA_FULL_ERROR="0")
+    if ray_tmpdir is not None:
+        env["RAY_TMPDIR"] = str(ray_tmpdir)
     with open(run.log("stdout"), "w") as stdout, open(run.log("stderr"), "w") as stderr:
         run.process = subprocess.Popen(
             command, cwd=workdir, env=env, stdout=stdout, stderr=stderr, start_new_session=True
@@ -295,34 +301,61 @@ def _assert_complete_run(run: TrainerRun, launched: LaunchedRun, steps: range) -
         assert checkpoint_problem(launched.checkpoints / f"global_step_{step}") is None
 
 
+# The kill test's runs are the only end-to-end run of forward_kl_topk (with a tail bucket): a resume
+# must also restore a run whose batches carry the teacher's top-k.
+FORWARD_KL_TOPK = ["actor_rollout_ref.actor.policy_loss.loss_mode=forward_kl_topk", "actor_rollout_ref.actor.distill.topk=32"]
+
+
 @pytest.fixture(scope="module")
 def two_runs_at_once(tiny_assets, tmp_path_factory):
-    """Two identical runs started together on this machine, in different folders: their start-ups
-    (Ray clusters, workers, model loading) overlap; their few seconds of training may not. The first
-    is also the uninterrupted reference of the kill test."""
+    """Two runs started together on this machine, in different folders: their start-ups (Ray clusters,
+    workers, model loading) overlap; their few seconds of training may not. They differ only in the
+    teacher: the first has the tiny teacher and is the uninterrupted reference of the kill test; the
+    second has the student as its own teacher, validates before training, and has a Ray temp folder
+    of its own."""
     root = tmp_path_factory.mktemp("two-runs")
-    launched = [_launch(root / name, tiny_assets) for name in ("first", "second")]
+    second_ray_tmpdir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Unix socket paths
+    launched = [
+        _launch(root / "first", tiny_assets),
+        _launch(
+            root / "second",
+            tiny_assets,
+            "trainer.val_before_train=true",
+            teacher=tiny_assets.student,
+            ray_tmpdir=second_ray_tmpdir,
+        ),
+    ]
     try:
-        return launched, [run.wait() for run in launched]
+        yield launched, [run.wait() for run in launched], second_ray_tmpdir
     finally:
         for run in launched:
             _kill_session(run.process.pid)
+        shutil.rmtree(second_ray_tmpdir, ignore_errors=True)
 
 
 def test_two_runs_at_once_keep_their_checkpoints_and_metrics_apart(two_runs_at_once):
-    launched, runs = two_runs_at_once
-    for launch, run in zip(launched, runs, strict=True):
-        _assert_complete_run(run, launch, range(1, STEPS + 1))
+    (first, second), (first_run, second_run), second_ray_tmpdir = two_runs_at_once
+    _assert_complete_run(first_run, first, range(1, STEPS + 1))
+    _assert_complete_run(second_run, second, range(0, STEPS + 1))  # step 0: the validation before training
+    for launch in (first, second):
         assert sorted(_prompts_by_step(launch.rollout_dir)) == list(range(1, STEPS + 1))
     # Same seed, same data order: what lets the first run serve as the kill test's reference.
-    assert _prompts_by_step(launched[0].rollout_dir) == _prompts_by_step(launched[1].rollout_dir)
+    assert _prompts_by_step(first.rollout_dir) == _prompts_by_step(second.rollout_dir)
+    # Each run's metrics are its own: a teacher that is the student gives a zero KL, in training and on
+    # the untrained student's own validation responses; the tiny teacher does not.
+    assert all(value > 0.1 for value in first_run.series("actor/kl_loss"))
+    second_kl = second_run.series("actor/kl_loss")
+    assert len(second_kl) == STEPS and all(value < 1e-3 for value in second_kl), second_kl
+    assert second_run.series("val-core/openai/gsm8k/teacher_kl/mean@1") == [pytest.approx(0.0, abs=1e-3)]
+    # the "before Ray" checks of the bad-input tests rely on this trace of a run that did start Ray
+    assert ray_started(second_ray_tmpdir)
 
 
 def test_sigkill_after_a_checkpoint_resumes_with_the_same_data_order(two_runs_at_once, tiny_assets, tmp_path):
-    reference = _prompts_by_step(two_runs_at_once[0][0].rollout_dir)
+    reference = _prompts_by_step(two_runs_at_once[0][0].rollout_dir)  # the loss does not change the data order
     assert reference[1] != reference[1 + SAVE_FREQ], "restarting the data from scratch would go unnoticed"
 
-    killed = _launch(tmp_path, tiny_assets)
+    killed = _launch(tmp_path, tiny_assets, *FORWARD_KL_TOPK)
     try:
         # Kill once a checkpoint is committed and the next step has produced its rollouts.
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -354,9 +387,16 @@ def test_sigkill_after_a_checkpoint_resumes_with_the_same_data_order(two_runs_at
     shutil.copytree(killed.checkpoints / f"global_step_{resumed_from}" / "actor", half_written / "actor")
     cut_short(half_written / "actor" / "model_world_size_1_rank_0.pt")
 
-    launched = _launch(tmp_path, tiny_assets, "trainer.resume_mode=auto", name="resumed")
+    launched = _launch(tmp_path, tiny_assets, *FORWARD_KL_TOPK, "trainer.resume_mode=auto", name="resumed")
     resumed = launched.wait()
     _assert_complete_run(resumed, launched, range(lost_step, STEPS + 1))
+    # forward KL over the teacher's top-k, which holds a share of the sampled tokens; no policy gradient
+    resumed_steps = STEPS + 1 - lost_step
+    assert resumed.series("actor/distillation_mode") == [1.0] * resumed_steps
+    assert resumed.series("actor/pg_loss") == [0.0] * resumed_steps
+    assert all(value > 0 for value in resumed.series("actor/kl_loss"))
+    coverage = resumed.series("actor/teacher_topk_coverage")
+    assert len(coverage) == resumed_steps and all(0 < value <= 1 for value in coverage), coverage
     after_resume = _prompts_by_step(launched.rollout_dir)
     assert sorted(after_resume) == list(range(lost_step, STEPS + 1))
     assert all(after_resume[step] == reference[step] for step in after_resume)
