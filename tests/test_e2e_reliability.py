@@ -234,7 +234,12 @@ class LaunchedRun:
 
 
 def _launch(
-    workdir: Path, tiny_assets, *overrides: str, name: str = "run", teacher: Path | None = None, ray_tmpdir: Path | None = None
+    workdir: Path,
+    tiny_assets,
+    *overrides: str,
+    name: str = "run",
+    teacher: Path | None = None,
+    ray_tmpdir: Path | None = None,
 ) -> LaunchedRun:
     """Start a distillation run of STEPS steps saving every SAVE_FREQ steps; ``name`` keeps a resumed
     run's metrics and rollout dumps apart from those of the run it resumes. ``teacher`` replaces the
@@ -303,7 +308,10 @@ def _assert_complete_run(run: TrainerRun, launched: LaunchedRun, steps: range) -
 
 # The kill test's runs are the only end-to-end run of forward_kl_topk (with a tail bucket): a resume
 # must also restore a run whose batches carry the teacher's top-k.
-FORWARD_KL_TOPK = ["actor_rollout_ref.actor.policy_loss.loss_mode=forward_kl_topk", "actor_rollout_ref.actor.distill.topk=32"]
+FORWARD_KL_TOPK = [
+    "actor_rollout_ref.actor.policy_loss.loss_mode=forward_kl_topk",
+    "actor_rollout_ref.actor.distill.topk=32",
+]
 
 
 @pytest.fixture(scope="module")
