@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -399,6 +399,21 @@ def run_trainer(
     return outcome
 
 
+def run_interleaved_rounds(
+    arms: dict[str, TrainerSpec], rounds: int, workdir: Path, part: Part, echo: Callable[[str], None] = print
+) -> dict[str, list[RunOutcome]]:
+    """Each arm's runs, ``rounds`` of them, launched A B C A B C so that a slow spell of the machine
+    falls on every arm; each run's command is added to ``part``."""
+    outcomes: dict[str, list[RunOutcome]] = {name: [] for name in arms}
+    for round_index in range(rounds):
+        for name, spec in arms.items():
+            label = f"{spec.label}-round{round_index + 1}"
+            outcome = run_trainer(replace(spec, label=label), workdir / label, echo=echo)
+            outcomes[name].append(outcome)
+            part.commands.append(outcome.command)
+    return outcomes
+
+
 # --- numbers ----------------------------------------------------------------------------------
 
 
@@ -417,16 +432,18 @@ def phase_medians(outcome: RunOutcome | Sequence[RunOutcome], warmup: int) -> di
     """Median seconds of the step and of each phase over the steps after the first ``warmup`` of each
     run, pooled over the runs when given several."""
     outcomes = [outcome] if isinstance(outcome, RunOutcome) else list(outcome)
+    return {
+        "step": pooled_median(outcomes, "timing_s/step", warmup),
+        **{phase: pooled_median(outcomes, f"timing_s/{phase}", warmup) for phase in STEP_PHASES},
+    }
 
-    def pooled(key: str) -> float | None:
-        values = [
-            value
-            for run in outcomes
-            for value in [row[key] for row in run.training_steps() if key in row][warmup:]
-        ]
-        return statistics.median(values) if values else None
 
-    return {"step": pooled("timing_s/step"), **{phase: pooled(f"timing_s/{phase}") for phase in STEP_PHASES}}
+def pooled_median(outcomes: Sequence[RunOutcome], key: str, warmup: int) -> float | None:
+    """Median of a metric over the steps that log it after the first ``warmup`` of each run, pooled."""
+    values = [
+        value for run in outcomes for value in [row[key] for row in run.training_steps() if key in row][warmup:]
+    ]
+    return statistics.median(values) if values else None
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

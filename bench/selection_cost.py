@@ -19,12 +19,22 @@ with a teacher several times the student's size the forward dominates ``timing_s
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import Part, ToyAssets, TrainerSpec, format_table, phase_medians, ratio, run_trainer, toy_overrides, toy_scorer_path
+from common import (
+    Part,
+    ToyAssets,
+    TrainerSpec,
+    format_table,
+    phase_medians,
+    pooled_median,
+    ratio,
+    run_interleaved_rounds,
+    toy_overrides,
+    toy_scorer_path,
+)
 
 SAMPLES_PER_PROMPT = 4
 
@@ -78,24 +88,13 @@ def specs(assets: ToyAssets, config: SelectionCostConfig) -> dict[str, TrainerSp
     }
 
 
-def _median(runs, key: str, warmup: int) -> float | None:
-    values = [row[key] for run in runs for row in run.training_steps()[warmup:] if key in row]
-    return statistics.median(values) if values else None
-
-
 def run(assets: ToyAssets, config: SelectionCostConfig, workdir: Path, echo=print) -> Part:
     part = Part("selection_cost")
     echo(
         f"selection cost: {config.completions} completions per step (rollout.n={SAMPLES_PER_PROMPT}), "
         f"median of {config.steps} steps after {config.warmup}, {config.rounds} interleaved round(s)"
     )
-    outcomes: dict[str, list] = {}
-    for round_index in range(config.rounds):
-        for name, spec in specs(assets, config).items():
-            label = f"{spec.label}-round{round_index + 1}"
-            outcome = run_trainer(replace(spec, label=label), workdir / label, echo=echo)
-            outcomes.setdefault(name, []).append(outcome)
-            part.commands.append(outcome.command)
+    outcomes = run_interleaved_rounds(specs(assets, config), config.rounds, workdir, part, echo)
 
     arms = {}
     for name, runs in outcomes.items():
@@ -105,10 +104,10 @@ def run(assets: ToyAssets, config: SelectionCostConfig, workdir: Path, echo=prin
         arms[name] = {
             "ref_s": medians.get("ref"),
             "step_s": medians.get("step"),
-            "teacher_rows": _median(runs, "distill/teacher_rows", config.warmup) if selecting else config.completions,
-            "teacher_tokens": _median(runs, "distill/teacher_tokens", config.warmup) if selecting else None,
-            "teacher_token_share": _median(runs, "distill/teacher_token_share", config.warmup) if selecting else 1.0,
-            "select_ratio": _median(runs, "distill/select_ratio", config.warmup) if selecting else 1.0,
+            "teacher_rows": pooled_median(runs, "distill/teacher_rows", config.warmup) if selecting else config.completions,
+            "teacher_tokens": pooled_median(runs, "distill/teacher_tokens", config.warmup) if selecting else None,
+            "teacher_token_share": pooled_median(runs, "distill/teacher_token_share", config.warmup) if selecting else 1.0,
+            "select_ratio": pooled_median(runs, "distill/select_ratio", config.warmup) if selecting else 1.0,
             "failure": failures[0] if failures else None,
             "runs": [run.to_json() for run in runs],
         }

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common import (
@@ -35,10 +35,10 @@ from common import (
     ToyAssets,
     TrainerSpec,
     format_table,
-    median_after_warmup,
     phase_medians,
+    pooled_median,
     ratio,
-    run_trainer,
+    run_interleaved_rounds,
     toy_overrides,
     toy_scorer_path,
 )
@@ -144,28 +144,15 @@ def run(assets: ToyAssets, config: StepCostConfig, workdir: Path, echo=print) ->
         f"step cost: {config.completions} completions per step, median of {config.steps} steps after "
         f"{config.warmup}, {config.rounds} interleaved round(s)"
     )
-    outcomes: dict[str, list] = {}
-    for round_index in range(config.rounds):
-        for spec in specs(assets, config):
-            label = f"{spec.label}-round{round_index + 1}"
-            outcome = run_trainer(replace(spec, label=label), workdir / label, echo=echo)
-            outcomes.setdefault(spec.label.removeprefix("step-"), []).append(outcome)
-            part.commands.append(outcome.command)
+    arm_specs = {spec.label.removeprefix("step-"): spec for spec in specs(assets, config)}
+    outcomes = run_interleaved_rounds(arm_specs, config.rounds, workdir, part, echo)
     arms = {}
     for name, runs in outcomes.items():
         failures = [run.failure() for run in runs if run.failure()]
         arms[name] = {
             "medians_s": phase_medians(runs, config.warmup) if not failures else None,
             "steps_logged": sum(len(run.training_steps()) for run in runs),
-            "response_length_mean": median_after_warmup(
-                [
-                    row["response_length/mean"]
-                    for run in runs
-                    for row in run.training_steps()
-                    if "response_length/mean" in row
-                ],
-                0,
-            ),
+            "response_length_mean": pooled_median(runs, "response_length/mean", warmup=0),
             "failure": failures[0] if failures else None,
             "runs": [run.to_json() for run in runs],
         }

@@ -43,6 +43,15 @@ def train(tiny_assets, workdir, config_name, *overrides) -> TrainerRun:
     return run
 
 
+def train_hybrid(tiny_assets, workdir, *overrides) -> TrainerRun:
+    """A `distillation_hybrid_trainer` run whose task reward is DIGIT_FRACTION_SCORER."""
+    scorer = workdir / "digit_fraction.py"
+    scorer.write_text(DIGIT_FRACTION_SCORER)
+    return train(
+        tiny_assets, workdir, "distillation_hybrid_trainer", f"reward.custom_reward_function.path={scorer}", *overrides
+    )
+
+
 def every_step(run: TrainerRun, key: str) -> list[float]:
     values = run.series(key)
     assert len(values) == STEPS, f"{key} logged at {len(values)} of {STEPS} steps"
@@ -59,13 +68,9 @@ def test_policy_gradient_opd_logs_pg_loss_and_the_reward_kl_penalty_only(tiny_as
 
 
 def test_hybrid_ppo_with_a_critic_logs_both_terms_and_the_value_loss(tiny_assets, tmp_path):
-    scorer = tmp_path / "digit_fraction.py"
-    scorer.write_text(DIGIT_FRACTION_SCORER)
-    run = train(
+    run = train_hybrid(
         tiny_assets,
         tmp_path,
-        "distillation_hybrid_trainer",
-        f"reward.custom_reward_function.path={scorer}",
         "algorithm.adv_estimator=gae",
         "actor_rollout_ref.rollout.n=1",
         "critic.enable=true",

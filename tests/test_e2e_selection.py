@@ -9,7 +9,7 @@ hybrid loss's end-to-end test: selecting all responses differs only in the rows 
 import math
 
 import pytest
-from test_e2e_loss_modes import DIGIT_FRACTION_SCORER, STEPS, every_step, train
+from test_e2e_loss_modes import STEPS, every_step, train_hybrid
 from trainer_runs import TINY_RUN
 
 pytestmark = pytest.mark.slow
@@ -19,13 +19,9 @@ PROMPTS = int(next(o for o in TINY_RUN if o.startswith("data.train_batch_size=")
 
 
 def test_hybrid_grpo_with_the_teacher_on_the_best_response_of_each_prompt(tiny_assets, tmp_path):
-    scorer = tmp_path / "digit_fraction.py"
-    scorer.write_text(DIGIT_FRACTION_SCORER)
-    run = train(
+    run = train_hybrid(
         tiny_assets,
         tmp_path,
-        "distillation_hybrid_trainer",
-        f"reward.custom_reward_function.path={scorer}",
         f"actor_rollout_ref.rollout.n={N}",
         "actor_rollout_ref.actor.distill.select_strategy=best",
         f"actor_rollout_ref.actor.distill.select_k={K}",
